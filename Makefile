@@ -1,0 +1,39 @@
+# One place for installing, the demo and the tests. Every pip call goes through the constraints file
+# (torch==2.13.0 CPU and exact pins for the rest): see ../shared/notes/toolchain.md.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PIP     = $(BIN)/python -m pip
+# DeepSpeed is an sdist: build no ops at install time (they compile on first use); the constraint also reaches its
+# isolated build environment so nothing pulls a CUDA torch.
+PIPENV  = DS_BUILD_OPS=0 PIP_CONSTRAINT=$(CURDIR)/constraints.txt
+
+.PHONY: install demo test test-all lint constraints clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIPENV) $(PIP) install -q --upgrade pip
+	$(PIPENV) $(PIP) install -q -c constraints.txt -e '.[dev,embed,plot,deepspeed]'
+	touch $@
+
+demo: install
+	$(BIN)/rlrec data prepare --config recipes/quickstart/data.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check rlrec tests bench
+
+# Re-freeze the exact pins from the current venv (after a deliberate upgrade).
+constraints:
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.new
+	mv constraints.new constraints.txt
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,70 @@
+"""`rlrec`, the one entry point. Each command takes `--config <recipe.yaml>` plus overrides
+(`--section.key value` or `section.key=value`), checked by the same strict schema as the file.
+
+User errors (`RlrecError`: bad config, bad data, missing files) print one line to stderr and exit 2, without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from rlrec.config import load_config
+from rlrec.errors import RlrecError
+from rlrec.recipe import Recipe
+
+
+def _data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.data.prepare import prepare
+
+    recipe = load_config(Recipe, args.config, overrides)
+    stats = prepare(recipe)
+    out = recipe.stage_dir("data")
+    splits = ", ".join(f"{name} {n:,}" for name, n in stats["splits"].items())
+    interactions = "n/a (pre-split export)" if stats["num_interactions"] is None else f"{stats['num_interactions']:,}"
+    print(f"wrote {out}")
+    print(f"  users {stats['num_users']:,}  items {stats['num_items']:,}  interactions {interactions}")
+    print(f"  {stats['protocol']} samples: {splits}")
+    if stats["skipped"]:
+        print(f"  skipped: {json.dumps(stats['skipped'])} (examples in stats.json)")
+
+
+COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[str]], None]]] = {
+    ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", _data_prepare),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlrec", description="Post-train a language model into a recommender.")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="command")
+    subparsers: dict[str, argparse._SubParsersAction] = {}
+    for words, (help_text, _) in COMMANDS.items():
+        if len(words) == 1:
+            cmd = groups.add_parser(words[0], help=help_text)
+        else:
+            if words[0] not in subparsers:
+                group = groups.add_parser(words[0], help=f"{words[0]} commands")
+                subparsers[words[0]] = group.add_subparsers(dest="action", required=True, metavar="action")
+            cmd = subparsers[words[0]].add_parser(words[1], help=help_text)
+        cmd.add_argument("--config", required=True, help="recipe YAML")
+        cmd.set_defaults(words=words)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    _, handler = COMMANDS[args.words]
+    try:
+        handler(args, overrides)
+    except RlrecError as err:
+        print(f"rlrec: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

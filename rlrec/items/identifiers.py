@@ -1,0 +1,76 @@
+"""Item identifiers: the text a model reads in a history and writes as its answer, one string per item.
+
+Renderers, chosen by `prompt.identifier`:
+- `title`: the item's title. Titles are not unique in real catalogues (ML-100K has 18 duplicated titles), and an
+  identifier must name exactly one item for decoding and evaluation, so duplicates get the item id appended
+  (`Chasing Amy (1997) [id 246]`); empty titles fall back to `item <id>`. Both are counted.
+- `id`: the item id as text.
+- `sid`: the semantic ID, the item's codes concatenated (`<a_12><b_3><c_200>`), from an index in the
+  LC-Rec `index.json` format. The index must cover every item and be collision-free.
+Every renderer returns an injective map item id -> identifier; the check is here, once, for all of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from rlrec.data.types import Catalog
+from rlrec.errors import DataError
+
+
+def title_identifiers(catalog: Catalog, counts: Counter) -> dict[str, str]:
+    base = {}
+    for item_id, item in catalog.items.items():
+        title = " ".join(item.title.split())
+        if not title:
+            counts["empty_title"] += 1
+            title = f"item {item_id}"
+        base[item_id] = title
+    owners: dict[str, list[str]] = defaultdict(list)
+    for item_id, title in base.items():
+        owners[title].append(item_id)
+    out = {}
+    for item_id, title in base.items():
+        if len(owners[title]) > 1:
+            counts["duplicate_title"] += 1
+            title = f"{title} [id {item_id}]"
+        out[item_id] = title
+    return out
+
+
+def sid_identifiers(catalog: Catalog, index: dict[str, list[str]] | None) -> dict[str, str]:
+    if index is None:
+        raise DataError(
+            "prompt.identifier 'sid' needs a semantic-ID index: the source has none; set source.index_path "
+            "or build one with `rlrec items build`"
+        )
+    missing = [item_id for item_id in catalog.items if item_id not in index]
+    if missing:
+        raise DataError(f"semantic-ID index misses {len(missing)} catalogue item(s), e.g. item {missing[0]}")
+    return {item_id: "".join(index[item_id]) for item_id in catalog.items}
+
+
+def build_identifiers(
+    kind: str, catalog: Catalog, index: dict[str, list[str]] | None, counts: Counter
+) -> dict[str, str]:
+    """Item id -> identifier string for the renderer `kind`; fails if two items would share one."""
+    if kind == "title":
+        identifiers = title_identifiers(catalog, counts)
+    elif kind == "id":
+        identifiers = {item_id: item_id for item_id in catalog.items}
+    elif kind == "sid":
+        identifiers = sid_identifiers(catalog, index)
+    else:
+        raise DataError(f"unknown identifier {kind!r}; expected title, id or sid")
+    owners: dict[str, list[str]] = defaultdict(list)
+    for item_id, text in identifiers.items():
+        owners[text].append(item_id)
+    shared = {text: ids for text, ids in owners.items() if len(ids) > 1}
+    if shared:
+        text, ids = next(iter(shared.items()))
+        n_items = sum(len(ids) for ids in shared.values())
+        raise DataError(
+            f"{kind} identifiers collide: {n_items} items share {len(shared)} identifiers "
+            f"(e.g. items {', '.join(ids[:3])} are all {text!r}); an identifier must name one item"
+        )
+    return identifiers

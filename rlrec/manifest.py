@@ -1,0 +1,54 @@
+"""Stage manifests: what a stage read (with content hashes), with which package versions and seed, how long it took.
+
+`runs/<name>/<stage>/manifest.json` lets a later run decide whether a stage's inputs changed and lets a reader of a
+results table trace every number back to exact inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("rlrec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "numpy")
+
+
+def hash_path(path: str | Path) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and bytes, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_manifest(stage_dir: Path, inputs: Iterable[str | Path], seed: int, wall_time_s: float, **extra) -> dict:
+    manifest = {
+        "inputs": {str(p): hash_path(p) for p in inputs if Path(p).exists()},
+        "versions": package_versions(),
+        "seed": seed,
+        "wall_time_s": round(wall_time_s, 3),
+        "command": " ".join(sys.argv),
+        **extra,
+    }
+    (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

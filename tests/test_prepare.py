@@ -1,0 +1,97 @@
+"""`rlrec data prepare` end to end through the real CLI on the real datasets: the numbers in stats.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from tests.conftest import REPO, run_cli
+
+
+def prepare(recipe: str, tmp_path, *overrides: str) -> tuple[dict, object]:
+    result = run_cli("data", "prepare", "--config", str(REPO / recipe), f"output_dir={tmp_path}", *overrides)
+    assert result.returncode == 0, result.stderr
+    name = result.stdout.split("wrote ")[1].split()[0].split("/")[-2]
+    out = tmp_path / name / "data"
+    return json.loads((out / "stats.json").read_text()), out
+
+
+def test_movielens_100k_stats(shared_data, tmp_path):
+    stats, out = prepare(
+        "recipes/movielens-100k/data.yaml", tmp_path, f"--data.source.path={shared_data / 'movielens-100k'}"
+    )
+    assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (943, 1682, 100_000)
+    assert stats["splits"] == {"train": 100_000 - 3 * 943, "valid": 943, "test": 943}
+    assert stats["skipped"] == {}
+    dataset = load_from_disk(str(out / "dataset"))
+    row = dataset["test"][0]
+    assert row["prompt"][-1]["role"] == "user" and row["completion"][0]["role"] == "assistant"
+    assert len(row["history"]) == 20
+    catalog = [json.loads(line) for line in (out / "catalog.jsonl").read_text().splitlines()]
+    assert len(catalog) == 1682 and len({c["identifier"] for c in catalog}) == 1682
+    assert stats["identifier_notes"]["duplicate_title"] == 36  # 18 titles appear twice in ML-100K
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"].startswith("2.13.0") and len(next(iter(manifest["inputs"].values()))) == 64
+
+
+def test_scientific_stats_with_semantic_ids(shared_data, tmp_path):
+    sci = shared_data / "amazon18-scientific"
+    stats, out = prepare(
+        "recipes/amazon18-scientific/data.yaml",
+        tmp_path,
+        f"--data.source.path={sci}",
+        f"--data.source.index_path={sci / 'indexes/rqvae_zcr/Scientific.index.json'}",
+    )
+    assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (8317, 4344, 58_492)
+    assert stats["splits"] == {"train": 58_492 - 3 * 8317, "valid": 8317, "test": 8317}
+    test = load_from_disk(str(out / "dataset"))["test"]
+    assert test[0]["completion"][0]["content"].startswith("<a_") and test[0]["completion"][0]["content"].count("<") == 4
+
+
+def test_native_index_collisions_fail_clearly(shared_data, tmp_path):
+    sci = shared_data / "amazon18-scientific"
+    result = run_cli(
+        "data",
+        "prepare",
+        "--config",
+        str(REPO / "recipes/amazon18-scientific/data.yaml"),
+        f"output_dir={tmp_path}",
+        f"--data.source.path={sci}",
+        f"--data.source.index_path={sci / 'indexes/rqvae_native/Scientific.index.json'}",
+    )
+    assert result.returncode == 2
+    assert "sid identifiers collide: 887 items share" in result.stderr
+
+
+def test_minionerec_given_split(shared_data, tmp_path):
+    stats, _ = prepare(
+        "recipes/minionerec-industrial/data.yaml",
+        tmp_path,
+        f"--data.source.path={shared_data / 'minionerec-industrial'}",
+    )
+    assert stats["splits"] == {"valid": 4532, "test": 4533}
+    assert stats["num_items"] == 3686 and stats["num_interactions"] is None
+
+
+def test_synthetic_quickstart_and_temporal_split(tmp_path):
+    stats, _ = prepare("recipes/quickstart/data.yaml", tmp_path, "--data.split.method", "temporal")
+    total = stats["num_interactions"] - stats["num_users"]  # one sample per interaction after the first
+    assert sum(stats["splits"].values()) == total
+    assert stats["splits"]["train"] == round(0.8 * total)
+
+
+def test_unknown_key_through_cli(tmp_path):
+    result = run_cli(
+        "data", "prepare", "--config", str(REPO / "recipes/quickstart/data.yaml"), "--data.split.max_histroy", "5"
+    )
+    assert result.returncode == 2
+    assert "did you mean 'max_history'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("recipe", ["recipes/quickstart/data.yaml"])
+def test_rerun_replaces_the_stage_folder(recipe, tmp_path):
+    prepare(recipe, tmp_path)
+    stats, out = prepare(recipe, tmp_path, "--data.source.synthetic.num_users", "200")
+    assert stats["num_users"] == 200
