@@ -32,8 +32,27 @@ def _data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"  skipped: {json.dumps(stats['skipped'])} (examples in stats.json)")
 
 
+def _items_build(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.items.build import build
+
+    recipe = load_config(Recipe, args.config, overrides)
+    stats = build(recipe)
+    before, after = stats["collisions_before"], stats["collisions_after"]
+    first = stats["utilisation"][0]
+    print(f"wrote {recipe.stage_dir('items')}")
+    distinct = stats["distinct_identifiers"]
+    print(f"  items {stats['num_items']:,}  levels {stats['levels']}  distinct identifiers {distinct:,}")
+    print(
+        f"  collisions: {before['colliding_items']:,} colliding items before, {after['colliding_items']} after "
+        f"({stats['resolution']['method']}, {stats['resolution']['items_changed']} items changed)"
+    )
+    used = f"{first['codes_used']}/{first['codebook_size']}"
+    print(f"  level {first['level']} utilisation: {used} codes ({first['share']:.1%})")
+
+
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[str]], None]]] = {
     ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", _data_prepare),
+    ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", _items_build),
 }
 
 

@@ -5,6 +5,7 @@ command reads the run fields and its own section, so a single file can drive one
     output_dir: runs
     seed: 0
     data: {source: ..., split: ..., prompt: ...}
+    items: {quantizer: rqkmeans, codebook_sizes: [256, 256, 256], ...}   # semantic IDs (optional)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from rlrec.data.config import DataConfig
 from rlrec.errors import ConfigError
+from rlrec.items.config import ItemsConfig
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Recipe:
     output_dir: str = "runs"
     seed: int = 0
     data: DataConfig | None = None
+    items: ItemsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

@@ -15,6 +15,7 @@ from rlrec.data.config import SourceConfig
 from rlrec.data.io import find_one, load_json, require_dir, require_file
 from rlrec.data.types import BadRows, Catalog, Interactions, Item, RawData
 from rlrec.errors import DataError
+from rlrec.items.index import SemanticIndex
 
 
 def read_items(path: Path, bad: BadRows) -> Catalog:
@@ -57,15 +58,8 @@ def read_sequences(path: Path, catalog: Catalog, bad: BadRows, skipped: Counter)
 
 
 def read_index(path: Path) -> dict[str, list[str]]:
-    raw = load_json(path)
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected an object {{item_id: [code, ...]}}")
-    index = {}
-    for item_id, codes in raw.items():
-        if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
-            raise DataError(f"{path} [item {item_id}]: expected a non-empty list of code strings, got {codes!r}")
-        index[str(item_id)] = codes
-    return index
+    """Read and validate a semantic-ID index (malformed codes fail naming the item)."""
+    return SemanticIndex.from_json(load_json(path), str(path)).to_json()
 
 
 def read_lcrec(config: SourceConfig) -> RawData:

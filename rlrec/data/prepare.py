@@ -22,13 +22,24 @@ import datasets
 from rlrec.config import dump_config
 from rlrec.data import RawData, read_source
 from rlrec.data.config import DataConfig
+from rlrec.data.lcrec import read_index
 from rlrec.data.splits import leave_one_out, temporal, truncate
 from rlrec.data.types import Sample
-from rlrec.errors import ConfigError
+from rlrec.errors import ConfigError, RlrecError
 from rlrec.items.identifiers import build_identifiers
 from rlrec.manifest import write_manifest
 from rlrec.prompts import build_dataset
 from rlrec.recipe import Recipe
+
+
+def items_index(recipe: Recipe) -> Path | None:
+    """With an `items` section and `prompt.identifier: sid`, items are rendered by the items stage's index."""
+    if recipe.items is None or recipe.section("data").prompt.identifier != "sid":
+        return None
+    path = recipe.stage_dir("items") / "index.json"
+    if not path.is_file():
+        raise RlrecError(f"{path} not found: run `rlrec items build` with this recipe first")
+    return path
 
 
 def make_splits(raw: RawData, config: DataConfig, skipped: Counter) -> dict[str, list[Sample]]:
@@ -81,6 +92,9 @@ def prepare(recipe: Recipe) -> dict:
     config: DataConfig = recipe.section("data")
     started = time.time()
     raw = read_source(config.source)
+    index_path = items_index(recipe)
+    if index_path is not None:
+        raw.sid_index = read_index(index_path)
     splits = make_splits(raw, config, raw.skipped)
     notes: Counter = Counter()
     identifiers = build_identifiers(config.prompt.identifier, raw.catalog, raw.sid_index, notes)
@@ -114,6 +128,6 @@ def prepare(recipe: Recipe) -> dict:
     stats = compute_stats(raw, splits, config, notes)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     dump_config(recipe, out / "config.yaml")
-    inputs = [p for p in (config.source.path, config.source.items_path, config.source.index_path) if p]
+    inputs = [p for p in (config.source.path, config.source.items_path, config.source.index_path, index_path) if p]
     write_manifest(out, inputs, recipe.seed, time.time() - started, stage="data")
     return stats
