@@ -50,8 +50,34 @@ def _items_build(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"  level {first['level']} utilisation: {used} codes ({first['share']:.1%})")
 
 
+def _baseline(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.stages.evaluate import run_most_popular, run_sasrec
+
+    recipe = load_config(Recipe, args.config, overrides)
+    name = args.words[1]
+    result = run_most_popular(recipe) if name == "most_popular" else run_sasrec(recipe)
+    metrics = result["metrics"]
+    print(f"wrote {recipe.stage_dir(name)}")
+    print(f"  {name}: HR@10 {metrics['hr@10']:.4f}  NDCG@10 {metrics['ndcg@10']:.4f}  MRR@10 {metrics['mrr@10']:.4f}")
+    if "training" in result:
+        print(f"  training: {json.dumps(result['training'])}")
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.stages.evaluate import run_eval
+
+    recipe = load_config(Recipe, args.config, overrides)
+    run_eval(recipe)
+    out = recipe.stage_dir("eval")
+    print(f"wrote {out}")
+    print((out / "metrics.md").read_text())
+
+
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[str]], None]]] = {
     ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", _data_prepare),
+    ("baseline", "most_popular"): ("score the most-popular baseline on the run's split", _baseline),
+    ("baseline", "sasrec"): ("train SASRec with early stopping on valid NDCG@10, then score it", _baseline),
+    ("eval",): ("full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval", _eval),
     ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", _items_build),
 }
 

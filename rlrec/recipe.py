@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlrec.baselines.sasrec import SASRecConfig
 from rlrec.data.config import DataConfig
 from rlrec.errors import ConfigError
+from rlrec.evaluate import EvalConfig
 from rlrec.items.config import ItemsConfig
 
 
@@ -25,6 +27,8 @@ class Recipe:
     seed: int = 0
     data: DataConfig | None = None
     items: ItemsConfig | None = None
+    sasrec: SASRecConfig | None = None
+    eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

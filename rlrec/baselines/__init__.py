@@ -1,0 +1,135 @@
+"""Baselines scored by the same harness as the generative models: most-popular and SASRec.
+
+Training sequences are rebuilt from the train split: for each user, the first train row's history followed by
+every train row's target, in order. Under leave-one-out this is exactly items[:-2]; under the temporal split it
+is the user's items up to the train cut. They are cut into windows of `max_len + 1` items from the end, each
+window overlapping the previous by one item, so that every train transition is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlrec.baselines.sasrec import SASRec, SASRecConfig
+from rlrec.evaluate import RunData, topk_from_scores
+from rlrec.metrics import accuracy_metrics
+
+
+def most_popular_lists(data: RunData, n_rows: int, k: int, exclude=None) -> list[list[str]]:
+    scores = torch.tensor([float(data.popularity.get(i, 0)) for i in data.item_ids])
+    # Ties broken by catalogue order (stable): a tiny decreasing offset keeps topk deterministic.
+    scores = scores - torch.arange(len(scores)) * 1e-6
+    return topk_from_scores(scores.expand(n_rows, -1), k, data.item_ids, exclude)
+
+
+def training_sequences(data: RunData, split: str = "train") -> list[list[str]]:
+    sequences: dict[str, list[str]] = {}
+    rows = data.rows(split)
+    for user, history, target in zip(rows["user"], rows["history"], rows["target"], strict=True):
+        if user not in sequences:
+            sequences[user] = list(history)
+        sequences[user].append(target)
+    return list(sequences.values())
+
+
+def windows(sequences: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (inputs, targets) windows [n, max_len]: targets[t] = the item after inputs[..t]."""
+    inputs, targets = [], []
+    for seq in sequences:
+        end = len(seq)
+        while end > 1:
+            chunk = seq[max(0, end - max_len - 1) : end]
+            pad = max_len + 1 - len(chunk)
+            padded = [0] * pad + chunk
+            inputs.append(padded[:-1])
+            targets.append([0 if i < pad else t for i, t in enumerate(padded[1:])])  # no target after a pad
+            end -= max_len
+    return np.array(inputs, dtype=np.int64), np.array(targets, dtype=np.int64)
+
+
+def encode_histories(histories, index: dict[str, int], max_len: int) -> torch.Tensor:
+    out = torch.zeros((len(histories), max_len), dtype=torch.long)
+    for row, history in enumerate(histories):
+        ids = [index[i] for i in history[-max_len:]]
+        if ids:
+            out[row, max_len - len(ids) :] = torch.tensor(ids)
+    return out
+
+
+@torch.no_grad()
+def sasrec_lists(model: SASRec, data: RunData, rows, k: int, exclude_history: bool) -> list[list[str]]:
+    model.eval()
+    index = {item: i + 1 for i, item in enumerate(data.item_ids)}
+    lists: list[list[str]] = []
+    size = model.config.eval_batch_size
+    for start in range(0, len(rows), size):
+        histories = rows["history"][start : start + size]
+        scores = model.scores(encode_histories(histories, index, model.config.max_len))
+        lists.extend(topk_from_scores(scores, k, data.item_ids, histories if exclude_history else None))
+    return lists
+
+
+def train_sasrec(
+    data: RunData, config: SASRecConfig, seed: int, log: Callable[[dict], None], train_split: str = "train"
+) -> tuple[SASRec, dict]:
+    """Train to convergence with early stopping on valid NDCG@10; return the best model and a summary."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(seed)
+    index = {item: i + 1 for i, item in enumerate(data.item_ids)}
+    sequences = [[index[i] for i in seq] for seq in training_sequences(data, train_split)]
+    inputs, targets = (torch.from_numpy(a) for a in windows(sequences, config.max_len))
+    valid = data.rows("valid")
+    model = SASRec(len(data.item_ids), config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, best_epoch, stale, started = -1.0, None, 0, 0, time.time()
+    bar = tqdm(range(1, config.max_epochs + 1), desc="sasrec", unit="epoch")
+    for epoch in bar:
+        model.train()
+        total, batches = 0.0, 0
+        for batch in torch.randperm(len(inputs), generator=gen).split(config.batch_size):
+            loss = model.loss(inputs[batch], targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches = total + loss.item(), batches + 1
+        lists = sasrec_lists(model, data, valid, 10, exclude_history=False)
+        metrics = accuracy_metrics(lists, valid["target"], [10])
+        log({"epoch": epoch, "loss": round(total / batches, 5), "valid_ndcg@10": round(metrics["ndcg@10"], 5),
+             "valid_hr@10": round(metrics["hr@10"], 5), "seconds": round(time.time() - started, 1)})  # fmt: skip
+        bar.set_postfix(loss=f"{total / batches:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+        if metrics["ndcg@10"] > best:
+            best, best_state, best_epoch, stale = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    summary = {"best_epoch": best_epoch, "epochs_run": epoch, "best_valid_ndcg@10": round(best, 6),
+               "train_windows": len(inputs), "train_seconds": round(time.time() - started, 1),
+               "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    return model, summary
+
+
+def save_sasrec(model: SASRec, out: Path) -> None:
+    torch.save({"state_dict": model.state_dict(), "num_items": model.items.num_embeddings - 1}, out / "model.pt")
+
+
+def load_sasrec(path: Path, config: SASRecConfig) -> SASRec:
+    payload = torch.load(path / "model.pt", map_location="cpu")
+    model = SASRec(payload["num_items"], config)
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

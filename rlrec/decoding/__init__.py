@@ -1,0 +1,8 @@
+"""Constrained decoding over the catalogue: the item trie, our batched beam search (`recommend`), a logits
+processor for `generate`, and a regular expression of all identifiers for vLLM structured outputs."""
+
+from rlrec.decoding.beam import recommend
+from rlrec.decoding.processor import TrieLogitsProcessor, items_from_generations
+from rlrec.decoding.trie import ItemTrie
+
+__all__ = ["ItemTrie", "TrieLogitsProcessor", "items_from_generations", "recommend"]

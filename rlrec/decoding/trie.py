@@ -1,0 +1,134 @@
+"""The catalogue trie: every item's completion tokens (identifier + stop token) as a prefix tree.
+
+Token sequences are the ones the model is trained on: the tokens the chat template puts after the generation
+prompt for an assistant turn holding the identifier (TRL's SFT takes the completion as what follows the common
+prefix of the templated prompt and prompt+completion; we do the same), cut after the template's stop token.
+This works for semantic IDs (one added token per code) and for multi-token BPE or word-level titles alike.
+
+Two views of the same tree:
+- CSR tensors (`offsets`, `child_tokens`, `child_nodes`, `terminal_item`) for the batched beam search, which
+  gathers the children of many nodes at once;
+- `children` dicts for the `generate` logits processor, which walks one row at a time.
+A node with no children is always terminal (an item is complete); reaching any other state is a bug or a
+corrupted model input, and the decoders raise instead of falling back to free generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from rlrec.errors import RlrecError
+
+PROBE = "x"  # user content used to render the template around an identifier
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def completion_token_ids(tokenizer, contents: list[str]) -> list[list[int]]:
+    """Tokens the chat template produces for assistant turns with these contents, after the generation prompt."""
+    user = [{"role": "user", "content": PROBE}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(
+        [[*user, {"role": "assistant", "content": c}] for c in contents], tokenize=True, return_dict=False
+    )
+    return [ids[_common_prefix(prompt, ids) :] for ids in full]
+
+
+@dataclass
+class ItemTrie:
+    item_ids: list[str]  # item index -> catalogue item id
+    sequences: list[list[int]]  # item index -> completion tokens, ending with the stop token
+    stop_token: int
+    children: list[dict[int, int]]  # node -> {token: child node}
+    terminal: dict[int, int]  # node -> item index, for nodes where an item is complete
+    offsets: torch.Tensor  # [n_nodes + 1] CSR row pointers
+    child_tokens: torch.Tensor  # [n_edges]
+    child_nodes: torch.Tensor  # [n_edges]
+    terminal_item: torch.Tensor  # [n_nodes], -1 where no item ends
+
+    @classmethod
+    def from_sequences(cls, item_ids: list[str], sequences: list[list[int]], stop_token: int) -> ItemTrie:
+        children: list[dict[int, int]] = [{}]
+        terminal: dict[int, int] = {}
+        for index, sequence in enumerate(sequences):
+            if not sequence or sequence[-1] != stop_token or stop_token in sequence[:-1]:
+                raise RlrecError(f"item {item_ids[index]}: token sequence {sequence} must end with the stop token")
+            node = 0
+            for token in sequence:
+                if token not in children[node]:
+                    children[node][token] = len(children)
+                    children.append({})
+                node = children[node][token]
+            if node in terminal:
+                other = item_ids[terminal[node]]
+                raise RlrecError(f"items {other} and {item_ids[index]} tokenize identically; identifiers must differ")
+            terminal[node] = index
+        offsets, tokens, nodes = [0], [], []
+        for node_children in children:
+            for token, child in sorted(node_children.items()):
+                tokens.append(token)
+                nodes.append(child)
+            offsets.append(len(tokens))
+        terminal_item = torch.full((len(children),), -1, dtype=torch.long)
+        for node, index in terminal.items():
+            terminal_item[node] = index
+        return cls(
+            list(item_ids), [list(s) for s in sequences], stop_token, children, terminal,
+            torch.tensor(offsets), torch.tensor(tokens, dtype=torch.long), torch.tensor(nodes, dtype=torch.long),
+            terminal_item,
+        )  # fmt: skip
+
+    @classmethod
+    def build(cls, tokenizer, identifiers: Mapping[str, str]) -> ItemTrie:
+        """Tokenise every item's identifier as the model sees it after the generation prompt. The item ends at the
+        first special token the template puts after the content (`<eos>`, `<|im_end|>`, `<|eot_id|>`), which is
+        the token generation stops on; a template that appends none gets the eos token."""
+        specials = set(tokenizer.all_special_ids) - {tokenizer.pad_token_id, tokenizer.unk_token_id}
+        item_ids, sequences, stops = list(identifiers), [], set()
+        for item, ids in zip(item_ids, completion_token_ids(tokenizer, list(identifiers.values())), strict=True):
+            cut = next((i for i, token in enumerate(ids) if token in specials), None)
+            sequence = ids[: cut + 1] if cut is not None else [*ids, tokenizer.eos_token_id]
+            if sequence[-1] is None:
+                raise RlrecError("the tokenizer has no eos token and its chat template appends no special token")
+            if len(sequence) < 2:
+                raise RlrecError(f"item {item}: identifier {identifiers[item]!r} tokenizes to nothing")
+            stops.add(sequence[-1])
+            sequences.append(sequence)
+        if len(stops) != 1:
+            raise RlrecError(f"the chat template ends items with different tokens {sorted(stops)}; expected one")
+        return cls.from_sequences(item_ids, sequences, stops.pop())
+
+    @property
+    def max_length(self) -> int:
+        return max(len(s) for s in self.sequences)
+
+    def walk(self, tokens: list[int]) -> int:
+        """The node reached from the root by `tokens`; a token the trie does not allow raises."""
+        node = 0
+        for position, token in enumerate(tokens):
+            child = self.children[node].get(token)
+            if child is None:
+                raise RlrecError(
+                    f"decoding left the catalogue: token {token} at position {position} is not allowed after "
+                    f"{tokens[:position]} (allowed: {sorted(self.children[node])[:10]}...)"
+                )
+            node = child
+        return node
+
+    def gather_children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a batch of nodes: (child tokens [n, m], child nodes [n, m], valid mask [n, m]), m = max fan-out."""
+        starts = self.offsets[nodes]
+        counts = self.offsets[nodes + 1] - starts
+        width = max(int(counts.max()), 1)
+        steps = torch.arange(width)
+        valid = steps.unsqueeze(0) < counts.unsqueeze(1)
+        index = (starts.unsqueeze(1) + steps.unsqueeze(0)).clamp(max=max(len(self.child_tokens) - 1, 0))
+        return self.child_tokens[index], self.child_nodes[index], valid

@@ -1,0 +1,137 @@
+"""Constrained decoding on tiny random models (a random model is the hardest case for a constraint)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from rlrec.decoding import ItemTrie, TrieLogitsProcessor, items_from_generations, recommend
+from rlrec.decoding.beam import encode_prompts, left_pad
+from rlrec.decoding.regex import identifier_regex
+from rlrec.errors import RlrecError
+from rlrec.models import build_tokenizer, tiny_llama
+
+SID = {str(i): f"<a_{i % 5}><b_{(i * 7) % 11}><c_{i}>" for i in range(40)}
+TITLES = {"1": "Toy Story", "2": "Toy Story 2", "3": "Story of Toys", "4": "Heat", "5": "Heat Wave", "6": "Toy"}
+PROMPTS = [
+    [{"role": "user", "content": "The user interacted with these items in order: Heat, Toy. Next?"}],
+    [{"role": "user", "content": "Items: <a_1><b_7><c_1>. Next?"}],
+    [{"role": "user", "content": "Next?"}],
+]
+
+
+def setup(identifiers: dict[str, str], seed: int = 0):
+    texts = [m["content"] for p in PROMPTS for m in p] + list(identifiers.values())
+    tokenizer = build_tokenizer(texts)
+    model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, seed=seed)
+    # Sharper logits than the default init so that ranks are not near-ties.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+    return tokenizer, model, ItemTrie.build(tokenizer, identifiers)
+
+
+@torch.no_grad()
+def brute_force_logprobs(model, tokenizer, trie: ItemTrie, prompt) -> dict[str, float]:
+    """log P(item | prompt) for every item by teacher forcing, one item at a time."""
+    prompt_ids = encode_prompts(tokenizer, [prompt])[0]
+    out = {}
+    for item, sequence in zip(trie.item_ids, trie.sequences, strict=True):
+        ids = torch.tensor([prompt_ids + sequence])
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        steps = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(sequence))
+        out[item] = float(sum(logprobs[t, ids[0, t + 1]] for t in steps))
+    return out
+
+
+@pytest.mark.parametrize("identifiers", [SID, TITLES], ids=["semantic-ids", "titles-with-prefixes"])
+def test_exact_beam_equals_brute_force(identifiers):
+    """With a beam as wide as the catalogue the search is exact: it must rank all items like teacher forcing."""
+    tokenizer, model, trie = setup(identifiers)
+    recs = recommend(model, tokenizer, PROMPTS, k=len(identifiers), trie=trie, batch_size=2)
+    for prompt, rec in zip(PROMPTS, recs, strict=True):
+        truth = brute_force_logprobs(model, tokenizer, trie, prompt)
+        assert [item for item, _ in rec] == sorted(truth, key=truth.get, reverse=True)
+        for item, score in rec:
+            assert score == pytest.approx(truth[item], abs=1e-4)
+
+
+def test_narrow_beam_returns_distinct_catalogue_items_and_agrees_with_generate():
+    tokenizer, model, trie = setup(SID)
+    recs = recommend(model, tokenizer, PROMPTS, k=5, trie=trie, beam_width=8)
+    for prompt, rec in zip(PROMPTS, recs, strict=True):
+        items = [item for item, _ in rec]
+        assert len(items) == 5 == len(set(items)) and set(items) <= set(SID)
+        scores = [s for _, s in rec]
+        assert scores == sorted(scores, reverse=True)
+        ids, mask = left_pad(encode_prompts(tokenizer, [prompt]), tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, num_beams=8, num_return_sequences=5, do_sample=False,
+            max_new_tokens=trie.max_length, eos_token_id=trie.stop_token, pad_token_id=tokenizer.pad_token_id,
+            logits_processor=[TrieLogitsProcessor(trie, ids.shape[1], tokenizer.pad_token_id)],
+            length_penalty=0.0,
+        )  # fmt: skip
+        assert items_from_generations(trie, out, ids.shape[1]) == items
+
+
+@pytest.mark.parametrize("identifiers", [SID, TITLES], ids=["semantic-ids", "titles-with-prefixes"])
+def test_sampling_and_greedy_only_produce_catalogue_items(identifiers):
+    tokenizer, model, trie = setup(identifiers, seed=3)
+    ids, mask = left_pad(encode_prompts(tokenizer, PROMPTS), tokenizer.pad_token_id)
+    processor = TrieLogitsProcessor(trie, ids.shape[1], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    sampled = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=True, temperature=2.0, top_k=0, num_return_sequences=30,
+        max_new_tokens=trie.max_length, eos_token_id=trie.stop_token, pad_token_id=tokenizer.pad_token_id,
+        logits_processor=[processor],
+    )  # fmt: skip
+    items = items_from_generations(trie, sampled, ids.shape[1])
+    assert len(items) == 90 and set(items) <= set(identifiers) and len(set(items)) > 1
+    greedy = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=trie.max_length,
+        eos_token_id=trie.stop_token,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=[TrieLogitsProcessor(trie, ids.shape[1], tokenizer.pad_token_id)],
+    )
+    assert set(items_from_generations(trie, greedy, ids.shape[1])) <= set(identifiers)
+
+
+def test_dead_end_raises_instead_of_generating_freely():
+    tokenizer, _, trie = setup(SID)
+    processor = TrieLogitsProcessor(trie, prompt_length=1, pad_token_id=tokenizer.pad_token_id)
+    outside = tokenizer.convert_tokens_to_ids("Next")  # a word, never a code token
+    with pytest.raises(RlrecError, match="left the catalogue"):
+        processor(torch.tensor([[0, outside]]), torch.zeros(1, len(tokenizer)))
+    with pytest.raises(RlrecError, match="left the catalogue"):
+        trie.walk([outside])
+    # A broken trie state (a node with no children that completes no item) also raises.
+    trie.children.append({})
+    processor._nodes[(99,)] = len(trie.children) - 1
+    with pytest.raises(RlrecError, match="dead end"):
+        processor(torch.tensor([[0, 99]]), torch.zeros(1, len(tokenizer)))
+
+
+def test_exclude_history():
+    tokenizer, model, trie = setup(SID)
+    full = recommend(model, tokenizer, PROMPTS[:1], k=10, trie=trie)[0]
+    banned = [item for item, _ in full[:3]]
+    excluded = recommend(model, tokenizer, PROMPTS[:1], k=10, trie=trie, exclude=[banned])[0]
+    assert not set(banned) & {item for item, _ in excluded}
+    assert [i for i, _ in excluded[:7]] == [i for i, _ in full[3:10]]
+
+
+def test_catalogue_smaller_than_beam():
+    tokenizer, model, trie = setup(TITLES)
+    rec = recommend(model, tokenizer, PROMPTS[:1], k=20, trie=trie)[0]
+    assert sorted(item for item, _ in rec) == sorted(TITLES)
+
+
+def test_regex_accepts_every_item_and_rejects_others():
+    pattern = re.compile(identifier_regex(list(SID.values()) + list(TITLES.values())))
+    assert all(pattern.fullmatch(text) for text in [*SID.values(), *TITLES.values()])
+    for other in ["<a_1><b_7>", "<a_1><b_7><c_99>", "Toy Story 3", "Hea", ""]:
+        assert not pattern.fullmatch(other)
