@@ -73,11 +73,26 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     print((out / "metrics.md").read_text())
 
 
+def _sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.stages.sft import run
+
+    recipe = load_config(Recipe, args.config, overrides)
+    metrics = run(recipe)
+    print(f"wrote {recipe.stage_dir('sft')}")
+    for split in ("valid", "test"):
+        if split in metrics:
+            m = metrics[split]["metrics"]
+            print(
+                f"  {split}: HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({metrics[split]['num_users']} users)"
+            )
+
+
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[str]], None]]] = {
     ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", _data_prepare),
     ("baseline", "most_popular"): ("score the most-popular baseline on the run's split", _baseline),
     ("baseline", "sasrec"): ("train SASRec with early stopping on valid NDCG@10, then score it", _baseline),
     ("eval",): ("full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval", _eval),
+    ("sft",): ("supervised fine-tuning (LoRA or full) on history -> next item, then evaluation", _sft),
     ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", _items_build),
 }
 

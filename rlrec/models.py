@@ -10,12 +10,19 @@ No weights can be downloaded here, so tests, the demo and CPU benchmarks build a
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rlrec.errors import ConfigError, RlrecError
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -85,26 +92,99 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
-def load_model(path: str, device: str | None = None):
-    """Load a trained model or LoRA adapter folder (or any hub id) with its tokenizer, for inference."""
-    import os
+@dataclass
+class ModelConfig:
+    """`path`: a local folder or hub id of a causal LM (the path real users take). Without it a Llama is built
+    from scratch with the sizes below and a tokenizer made from the run's texts."""
 
+    path: str | None = None
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.heads:
+            raise ConfigError("model.hidden_size must be divisible by model.heads")
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.path is None
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template ours (with generation tags); one without eos is an error."""
+    if tokenizer.eos_token_id is None:
+        raise RlrecError("the tokenizer has no eos token; set one (tokenizer.eos_token) before training")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def _load_pretrained(path: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlrec.errors import RlrecError
-
-    if os.path.sep in str(path) and not os.path.exists(path):
+    if (os.path.sep in path or path.startswith(".")) and not os.path.exists(path):
         raise RlrecError(f"model path not found: {path}")
+    torch_dtype = "auto" if dtype == "auto" else getattr(__import__("torch"), dtype)
     try:
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(path)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as err:
-        raise RlrecError(f"cannot load a model from {path}: {err}") from None
+        raise RlrecError(f"cannot load model {path!r}: {err}") from None
+    return model, tokenizer
+
+
+def build_for_training(config: ModelConfig, identifiers: Mapping[str, str], texts: Iterable[str], seed: int):
+    """(model, tokenizer, identifier token ids). Semantic-ID code tokens are added to the tokenizer and the
+    embeddings resized; their ids are returned so that the stage can make exactly those rows trainable."""
+    from rlrec.items.index import CODE_IN_TEXT
+    from rlrec.items.tokens import add_code_tokens, resize_model
+
+    codes = sorted({c for text in identifiers.values() for c in CODE_IN_TEXT.findall(text)})
+    if config.from_scratch:
+        tokenizer = build_tokenizer([*texts, *identifiers.values()], codes)
+        model = tiny_llama(tokenizer, config.hidden_size, config.layers, config.heads, config.intermediate_size,
+                           seed=seed)  # fmt: skip
+    else:
+        model, tokenizer = _load_pretrained(config.path, config.dtype)
+        ensure_chat_template(tokenizer)
+    token_ids = add_code_tokens(tokenizer, codes) if codes else []
+    resize_model(model, tokenizer)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, token_ids
+
+
+BASE_MODEL_DIR = "base_model"
+
+
+def load_model(path: str | Path, device: str | None = None):
+    """Load a stage's model folder (full model, or LoRA adapter) with its tokenizer, for inference.
+
+    For an adapter, the base model named in `adapter_config.json` is loaded and resized to the saved tokenizer
+    (identifier tokens added during training) before the adapter is applied; a from-scratch base is saved beside
+    the adapter as `../base_model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise RlrecError(f"model path not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        from peft import PeftModel
+
+        base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
+        local = path.parent / BASE_MODEL_DIR
+        base = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else base_name)
+        if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(base, str(path))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path))
     if device is not None:
         model.to(device)
-    return model, tokenizer
+    return model.eval(), tokenizer

@@ -49,3 +49,44 @@ def build_dataset(
         columns = ("user", "history", "target", "prompt", "completion")
         out[name] = Dataset.from_dict({c: [r[c] for r in records] for c in columns})
     return DatasetDict(out)
+
+
+# Item-alignment tasks (LC-Rec, MiniOneRec): teach the model what its identifiers mean by mapping titles to
+# semantic IDs and back. Rows keep the columns of next-item rows (empty history, the item as target).
+ALIGNMENT_TASKS = {
+    "title_to_sid": ('Which item is titled "{title}"?', "sid"),
+    "sid_to_title": ("What is the title of item {sid}?", "title"),
+}
+
+
+def alignment_records(catalog: list[dict], task: str) -> list[dict]:
+    template, answer = ALIGNMENT_TASKS[task]
+    records = []
+    for row in catalog:
+        values = {"title": row["title"] or f"item {row['item_id']}", "sid": row["identifier"]}
+        records.append({
+            "user": "", "history": [], "target": row["item_id"],
+            "prompt": [{"role": "user", "content": template.format(**values)}],
+            "completion": [{"role": "assistant", "content": values[answer]}],
+        })  # fmt: skip
+    return records
+
+
+def mix_tasks(next_item: Dataset, catalog: list[dict], weights: Mapping[str, float], seed: int) -> Dataset:
+    """The SFT training set: each task's rows repeated `weight` times (a fraction takes a seeded sample), shuffled.
+    `next_item` weighs the history -> next item rows; the alignment tasks weigh one row per catalogue item."""
+    import numpy as np
+    from datasets import concatenate_datasets
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for task, weight in weights.items():
+        if weight <= 0:
+            continue
+        rows = next_item if task == "next_item" else Dataset.from_list(alignment_records(catalog, task),
+                                                                      features=next_item.features)  # fmt: skip
+        whole, fraction = int(weight), weight - int(weight)
+        parts.extend([rows] * whole)
+        if fraction > 0:
+            parts.append(rows.select(sorted(rng.choice(len(rows), int(round(fraction * len(rows))), replace=False))))
+    return concatenate_datasets(parts).shuffle(seed=seed)

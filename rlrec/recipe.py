@@ -18,6 +18,7 @@ from rlrec.data.config import DataConfig
 from rlrec.errors import ConfigError
 from rlrec.evaluate import EvalConfig
 from rlrec.items.config import ItemsConfig
+from rlrec.stages.sft import SFTStageConfig
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Recipe:
     data: DataConfig | None = None
     items: ItemsConfig | None = None
     sasrec: SASRecConfig | None = None
+    sft: SFTStageConfig | None = None
     eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
