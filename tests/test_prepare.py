@@ -95,3 +95,21 @@ def test_rerun_replaces_the_stage_folder(recipe, tmp_path):
     prepare(recipe, tmp_path)
     stats, out = prepare(recipe, tmp_path, "--data.source.synthetic.num_users", "200")
     assert stats["num_users"] == 200
+
+
+def test_multi_task_mixture_counts():
+    from datasets import Dataset
+
+    from rlrec.prompts import mix_tasks
+
+    rows = Dataset.from_dict({
+        "user": ["u"] * 10, "history": [["1"]] * 10, "target": ["2"] * 10,
+        "prompt": [[{"role": "user", "content": "p"}]] * 10, "completion": [[{"role": "assistant", "content": "c"}]] * 10,
+    })  # fmt: skip
+    catalog = [{"item_id": str(i), "title": f"T{i}", "identifier": f"<a_{i}>"} for i in range(4)]
+    mixed = mix_tasks(rows, catalog, {"next_item": 1.0, "title_to_sid": 2.0, "sid_to_title": 0.5}, seed=0)
+    assert len(mixed) == 10 + 8 + 2
+    completions = [r["completion"][0]["content"] for r in mixed]
+    assert sum(c.startswith("<a_") for c in completions) == 8 and sum(c.startswith("T") for c in completions) == 2
+    asks = [r["prompt"][0]["content"] for r in mixed if r["user"] == ""]
+    assert 'Which item is titled "T0"?' in asks
