@@ -28,9 +28,7 @@ def run_most_popular(recipe: Recipe) -> dict:
     started = time.time()
     data = load_run_data(recipe.stage_dir("data"))
     rows = data.rows(config.split, config.max_users)
-    exclude = rows["history"] if config.exclude_history else None
-    lists = most_popular_lists(data, len(rows), max(config.ks), exclude)
-    result = {"metrics": score_lists(lists, rows["target"], data, config.ks)}
+    result = baseline_result("most_popular", recipe, data, config, rows)
     out = recipe.stage_dir("most_popular")
     write_report(out, {"most-popular": result}, data, config, {"num_users": len(rows)})
     _finish(recipe, out, data, started, "most_popular")
@@ -55,18 +53,20 @@ def run_sasrec(recipe: Recipe) -> dict:
     return result
 
 
+def baseline_result(name: str, recipe: Recipe, data: RunData, config: EvalConfig, rows) -> dict:
+    """Score one baseline (`most_popular`, or the run's trained `sasrec`) on `rows`."""
+    if name == "most_popular":
+        exclude = rows["history"] if config.exclude_history else None
+        lists = most_popular_lists(data, len(rows), max(config.ks), exclude)
+    else:
+        model = load_sasrec(recipe.stage_dir("sasrec"), recipe.sasrec or SASRecConfig())
+        lists = sasrec_lists(model, data, rows, max(config.ks), config.exclude_history)
+    return {"metrics": score_lists(lists, rows["target"], data, config.ks)}
+
+
 def evaluate_baselines(recipe: Recipe, data: RunData, config: EvalConfig, rows) -> dict:
-    results = {}
-    exclude = rows["history"] if config.exclude_history else None
-    for name in config.baselines:
-        if name == "most_popular":
-            lists = most_popular_lists(data, len(rows), max(config.ks), exclude)
-            results["most-popular"] = {"metrics": score_lists(lists, rows["target"], data, config.ks)}
-        else:
-            model = load_sasrec(recipe.stage_dir("sasrec"), recipe.sasrec or SASRecConfig())
-            lists = sasrec_lists(model, data, rows, max(config.ks), config.exclude_history)
-            results["sasrec"] = {"metrics": score_lists(lists, rows["target"], data, config.ks)}
-    return results
+    names = {"most_popular": "most-popular", "sasrec": "sasrec"}
+    return {names[name]: baseline_result(name, recipe, data, config, rows) for name in config.baselines}
 
 
 def evaluate_generative(model, tokenizer, data: RunData, config: EvalConfig, rows, progress: bool = True) -> dict:
