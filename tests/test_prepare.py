@@ -104,7 +104,8 @@ def test_multi_task_mixture_counts():
 
     rows = Dataset.from_dict({
         "user": ["u"] * 10, "history": [["1"]] * 10, "target": ["2"] * 10,
-        "prompt": [[{"role": "user", "content": "p"}]] * 10, "completion": [[{"role": "assistant", "content": "c"}]] * 10,
+        "prompt": [[{"role": "user", "content": "p"}]] * 10,
+        "completion": [[{"role": "assistant", "content": "c"}]] * 10,
     })  # fmt: skip
     catalog = [{"item_id": str(i), "title": f"T{i}", "identifier": f"<a_{i}>"} for i in range(4)]
     mixed = mix_tasks(rows, catalog, {"next_item": 1.0, "title_to_sid": 2.0, "sid_to_title": 0.5}, seed=0)
