@@ -130,6 +130,3 @@ def load_sasrec(path: Path, config: SASRecConfig) -> SASRec:
     model.load_state_dict(payload["state_dict"])
     return model
 
-
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
