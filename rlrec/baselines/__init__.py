@@ -9,7 +9,6 @@ window overlapping the previous by one item, so that every train transition is p
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
