@@ -73,12 +73,8 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     print((out / "metrics.md").read_text())
 
 
-def _sft(args: argparse.Namespace, overrides: list[str]) -> None:
-    from rlrec.stages.sft import run
-
-    recipe = load_config(Recipe, args.config, overrides)
-    metrics = run(recipe)
-    print(f"wrote {recipe.stage_dir('sft')}")
+def _print_stage_metrics(recipe: Recipe, stage: str, metrics: dict) -> None:
+    print(f"wrote {recipe.stage_dir(stage)}")
     for split in ("valid", "test"):
         if split in metrics:
             m = metrics[split]["metrics"]
@@ -87,12 +83,34 @@ def _sft(args: argparse.Namespace, overrides: list[str]) -> None:
             )
 
 
+def _sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.stages.sft import run
+
+    recipe = load_config(Recipe, args.config, overrides)
+    _print_stage_metrics(recipe, "sft", run(recipe))
+
+
+def _grpo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.stages.grpo import run
+
+    recipe = load_config(Recipe, args.config, overrides)
+    _print_stage_metrics(recipe, "grpo", run(recipe))
+
+
+def _ablate(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.ablate import run_ablation
+
+    run_ablation(args.config, args.grid, args.jobs, overrides)
+
+
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[str]], None]]] = {
     ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", _data_prepare),
     ("baseline", "most_popular"): ("score the most-popular baseline on the run's split", _baseline),
     ("baseline", "sasrec"): ("train SASRec with early stopping on valid NDCG@10, then score it", _baseline),
     ("eval",): ("full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval", _eval),
     ("sft",): ("supervised fine-tuning (LoRA or full) on history -> next item, then evaluation", _sft),
+    ("grpo",): ("GRPO from the SFT model with verifiable ranking rewards and trie-constrained rollouts", _grpo),
+    ("ablate",): ("GRPO once per (reward set, seed) of a grid from the same SFT model, then a table", _ablate),
     ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", _items_build),
 }
 
@@ -110,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                 subparsers[words[0]] = group.add_subparsers(dest="action", required=True, metavar="action")
             cmd = subparsers[words[0]].add_parser(words[1], help=help_text)
         cmd.add_argument("--config", required=True, help="recipe YAML")
+        if words == ("ablate",):
+            cmd.add_argument("--grid", required=True, help="ablation grid YAML (rewards/ablations/*.yaml)")
+            cmd.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
         cmd.set_defaults(words=words)
     return parser
 

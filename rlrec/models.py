@@ -161,8 +161,9 @@ def build_for_training(config: ModelConfig, identifiers: Mapping[str, str], text
 BASE_MODEL_DIR = "base_model"
 
 
-def load_model(path: str | Path, device: str | None = None):
-    """Load a stage's model folder (full model, or LoRA adapter) with its tokenizer, for inference.
+def load_model(path: str | Path, device: str | None = None, trainable: bool = False):
+    """Load a stage's model folder (full model, or LoRA adapter) with its tokenizer, for inference (or, with
+    `trainable`, for a later stage that continues training the adapter).
 
     For an adapter, the base model named in `adapter_config.json` is loaded and resized to the saved tokenizer
     (identifier tokens added during training) before the adapter is applied; a from-scratch base is saved beside
@@ -182,9 +183,9 @@ def load_model(path: str | Path, device: str | None = None):
         base = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else base_name)
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(base, str(path))
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path))
     if device is not None:
         model.to(device)
-    return model.eval(), tokenizer
+    return (model.train() if trainable else model.eval()), tokenizer

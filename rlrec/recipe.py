@@ -18,6 +18,7 @@ from rlrec.data.config import DataConfig
 from rlrec.errors import ConfigError
 from rlrec.evaluate import EvalConfig
 from rlrec.items.config import ItemsConfig
+from rlrec.stages.grpo import GRPOStageConfig
 from rlrec.stages.sft import SFTStageConfig
 
 
@@ -30,6 +31,7 @@ class Recipe:
     items: ItemsConfig | None = None
     sasrec: SASRecConfig | None = None
     sft: SFTStageConfig | None = None
+    grpo: GRPOStageConfig | None = None
     eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:

@@ -149,10 +149,10 @@ def test_shipped_sft_recipes_parse():
         assert recipe.sft is not None and recipe.sft.resolved_finetune() in ("full", "lora")
 
 
-def launch(config: str, recipe_path, *extra: str) -> subprocess.CompletedProcess:
+def launch(config: str, recipe_path, *extra: str, module: str = "rlrec.stages.sft") -> subprocess.CompletedProcess:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config), *extra,
-               "-m", "rlrec.stages.sft", "--config", str(recipe_path)]  # fmt: skip
+               "-m", module, "--config", str(recipe_path)]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -128,4 +128,3 @@ def load_sasrec(path: Path, config: SASRecConfig) -> SASRec:
     model = SASRec(payload["num_items"], config)
     model.load_state_dict(payload["state_dict"])
     return model
-

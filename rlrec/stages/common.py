@@ -53,6 +53,9 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     gradient_checkpointing: bool = False
+    # Batch rows of similar length (transformers' LengthGroupedSampler): histories vary from 1 to max_history items,
+    # and a random batch pads every row to its longest one; grouping cut the padded tokens and the step time.
+    group_by_length: bool = True
     resume: bool = True  # continue from the stage's last checkpoint if there is one
     threads: int | None = None  # torch CPU threads per process
 
@@ -107,6 +110,7 @@ def training_arguments(train: TrainSection, output_dir: Path, seed: int) -> dict
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
+        "train_sampling_strategy": "group_by_length" if train.group_by_length else "random",
         "ddp_find_unused_parameters": False,
     }
 
@@ -186,3 +190,49 @@ class Timer:
     @property
     def seconds(self) -> float:
         return round(time.time() - self.start, 1)
+
+
+def has_token_adapters(model) -> bool:
+    """Whether PEFT wraps the output layer (trainable_token_indices or modules_to_save on the LM head/embeddings)."""
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    return isinstance(head, (TrainableTokensWrapper, ModulesToSaveWrapper))
+
+
+def unfuse_lm_head(model, temperature: float = 1.0) -> None:
+    """Replace TRL's fused LM head (`add_fused_lm_head`) on `model` by a plain one with the same outputs.
+
+    TRL 1.16's fused head reads `get_output_embeddings().weight` and `.bias` directly. Under PEFT's token adapters
+    that module is a wrapper: with `trainable_token_indices` it has no `bias` (AttributeError), and its `.weight` is
+    the frozen original either way, so the trained identifier rows would never reach the log-probabilities. The
+    plain forward goes through the wrapper; it materialises the logits of the scored positions, which costs memory
+    only for large vocabularies. The model keeps the `fused_lm_head=True` call signature the trainers use."""
+    import functools
+    import types
+
+    import torch.nn.functional as F
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    original = type(model).forward
+
+    @functools.wraps(original)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original(self, *args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        kwargs["use_cache"] = False
+        logits = original(self, *args, **kwargs).logits
+        if shift_labels is None:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
+        per_token = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~mask, 0.0)
+        loss = -per_token.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=per_token, entropy=entropy, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)

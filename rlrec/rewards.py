@@ -1,0 +1,247 @@
+"""Verifiable ranking rewards for the GRPO stage: pure functions over lists, registered by name.
+
+Every reward sees one rollout batch (`RewardBatch`: the generated item of each completion, the user's target and
+history, the completion's beam rank when the rollout was a beam search, and G, the completions per prompt) plus
+the run's `ItemTables` (semantic-ID codes, train popularity, text embeddings, co-occurrence), and returns one float
+per completion. A recipe names rewards and weights:
+
+    grpo:
+      rewards: {hit: 1.0, rank_penalty: 1.0}
+      reward_params: {sid_prefix: {schedule: [0.5, 0.707, 0.866]}}
+
+A name with a dot loads a user function by dotted path (`rewards.my_module.my_reward`, same signature). A reward
+that raises or returns NaN stops the run with the reward's name in the message.
+
+Ranks are 0-based (the best beam has rank 0). Formulas and sources:
+- valid         1 if the completion is a catalogue item, else 0 (format reward).
+- hit           1 if the item is the target, else 0.
+- rank_penalty  MiniOneRec's ranking reward term: a wrong item at beam rank r gets
+                -(1/log2(r+2)) / sum_{j<G} 1/log2(j+2); a hit gets 0. `hit + rank_penalty` is their `ranking`.
+- ndcg          rank-weighted hit: 1/log2(r+2) when the item at beam rank r is the target, else 0.
+- sid_prefix    partial credit by the depth d of the semantic-ID prefix shared with the target (of L levels);
+                1 for a hit. Default schedule sqrt(d/L): GREAM's residual-sensitive reward (0.5 / 0.707 / 0.866
+                for 1 / 2 / 3 of 4 levels); `linear` (d/L) or an explicit list of L-1 values.
+- semantic      cosine similarity of the generated and target items' text embeddings (MiniLM over titles).
+- collaborative item-item cosine co-occurrence on the training sequences, |U_i & U_j| / sqrt(|U_i| |U_j|),
+                maximised over the user's last `window` history items (item-based CF; Sarwar et al. 2001).
+- popularity    -log(1 + n_i) / log(1 + max_j n_j) with n_i the item's train interactions: a penalty in [-1, 0]
+                against popularity bias.
+- repeat        -1 if the item is already in the user's history, else 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from rlrec.errors import ConfigError, RlrecError
+
+
+@dataclass
+class RewardBatch:
+    items: list[str | None]  # generated catalogue item per completion (None: not an item)
+    targets: list[str]
+    histories: list[list[str]]
+    ranks: list[int | None]  # beam rank of the completion within its group (None for sampled rollouts)
+    group_size: int
+
+
+@dataclass
+class ItemTables:
+    """Per-run item facts the rewards read, built lazily: only what a recipe's rewards need is computed."""
+
+    item_ids: list[str]
+    identifiers: dict[str, str]
+    popularity: Counter
+    sequences: list[list[str]] = field(default_factory=list)  # training sequences, for co-occurrence
+    titles: dict[str, str] = field(default_factory=dict)
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    cache_dir: Path = Path("runs/cache")
+
+    @cached_property
+    def codes(self) -> dict[str, tuple[str, ...]]:
+        from rlrec.items.index import CODE_IN_TEXT
+
+        codes = {item: tuple(CODE_IN_TEXT.findall(text)) for item, text in self.identifiers.items()}
+        if not any(codes.values()):
+            raise ConfigError("reward 'sid_prefix' needs semantic-ID identifiers (data.prompt.identifier: sid)")
+        return codes
+
+    @cached_property
+    def embeddings(self) -> dict[str, np.ndarray]:
+        from rlrec.items.embed import embed_texts
+
+        texts = [self.titles.get(item) or f"item {item}" for item in self.item_ids]
+        vectors, _, _ = embed_texts(texts, self.encoder, 256, self.cache_dir)
+        return dict(zip(self.item_ids, vectors, strict=True))
+
+    @cached_property
+    def cooccurrence(self) -> tuple[dict[str, set[int]], dict[str, int]]:
+        users: dict[str, set[int]] = defaultdict(set)
+        for user, sequence in enumerate(self.sequences):
+            for item in sequence:
+                users[item].add(user)
+        return users, {item: len(u) for item, u in users.items()}
+
+    @cached_property
+    def log_max_popularity(self) -> float:
+        return math.log1p(max(self.popularity.values(), default=1))
+
+
+RewardFn = Callable[..., list[float]]
+REWARDS: dict[str, RewardFn] = {}
+NEEDS_RANK = {"rank_penalty", "ndcg"}  # defined for beam rollouts only
+
+
+def reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    def register(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        return fn
+
+    return register
+
+
+def _rank_of(batch: RewardBatch, i: int, name: str) -> int:
+    rank = batch.ranks[i]
+    if rank is None:
+        raise RlrecError(f"reward '{name}' needs beam ranks; use grpo.rollout: beam")
+    return rank
+
+
+@reward("valid")
+def valid(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    return [float(item is not None and item in tables.identifiers) for item in batch.items]
+
+
+@reward("hit")
+def hit(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    return [float(item == target) for item, target in zip(batch.items, batch.targets, strict=True)]
+
+
+def _discount(rank: int) -> float:
+    return 1.0 / math.log2(rank + 2)
+
+
+@reward("rank_penalty")
+def rank_penalty(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    total = sum(_discount(j) for j in range(batch.group_size))
+    return [
+        0.0 if item == target else -_discount(_rank_of(batch, i, "rank_penalty")) / total
+        for i, (item, target) in enumerate(zip(batch.items, batch.targets, strict=True))
+    ]
+
+
+@reward("ndcg")
+def ndcg(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    return [
+        _discount(_rank_of(batch, i, "ndcg")) if item == target else 0.0
+        for i, (item, target) in enumerate(zip(batch.items, batch.targets, strict=True))
+    ]
+
+
+def prefix_schedule(levels: int, schedule: str | Sequence[float] = "sqrt") -> list[float]:
+    """Credit for a shared prefix of depth 0..levels (the last entry, a full match, is always 1)."""
+    if schedule == "sqrt":
+        return [math.sqrt(d / levels) for d in range(levels + 1)]
+    if schedule == "linear":
+        return [d / levels for d in range(levels + 1)]
+    if isinstance(schedule, str) or len(schedule) != levels - 1:
+        raise ConfigError(
+            f"reward_params.sid_prefix.schedule: 'sqrt', 'linear' or {levels - 1} values (one per partial depth), "
+            f"got {schedule!r}"
+        )
+    return [0.0, *map(float, schedule), 1.0]
+
+
+@reward("sid_prefix")
+def sid_prefix(batch: RewardBatch, tables: ItemTables, schedule: str | list[float] = "sqrt") -> list[float]:
+    codes = tables.codes
+    out = []
+    for item, target in zip(batch.items, batch.targets, strict=True):
+        if item is None:
+            out.append(0.0)
+            continue
+        a, b = codes[item], codes[target]
+        credit = prefix_schedule(len(b), schedule)
+        depth = 0
+        while depth < min(len(a), len(b)) and a[depth] == b[depth]:
+            depth += 1
+        out.append(1.0 if item == target else credit[min(depth, len(b) - 1)])
+    return out
+
+
+@reward("semantic")
+def semantic(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    vectors = tables.embeddings
+    return [
+        0.0 if item is None else float(np.dot(vectors[item], vectors[target]))
+        for item, target in zip(batch.items, batch.targets, strict=True)
+    ]
+
+
+@reward("collaborative")
+def collaborative(batch: RewardBatch, tables: ItemTables, window: int = 5) -> list[float]:
+    users, counts = tables.cooccurrence
+    out = []
+    for item, history in zip(batch.items, batch.histories, strict=True):
+        best = 0.0
+        for previous in history[-window:] if item is not None else []:
+            shared = len(users.get(item, set()) & users.get(previous, set()))
+            if shared:
+                best = max(best, shared / math.sqrt(counts[item] * counts[previous]))
+        out.append(best)
+    return out
+
+
+@reward("popularity")
+def popularity(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    scale = tables.log_max_popularity
+    return [0.0 if item is None else -math.log1p(tables.popularity.get(item, 0)) / scale for item in batch.items]
+
+
+@reward("repeat")
+def repeat(batch: RewardBatch, tables: ItemTables) -> list[float]:
+    return [-float(item in set(history)) for item, history in zip(batch.items, batch.histories, strict=True)]
+
+
+def resolve(name: str) -> RewardFn:
+    """A built-in reward by name, or a user function by dotted path (`package.module.function`)."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if "." not in name:
+        raise ConfigError(f"unknown reward '{name}'; built-in: {', '.join(sorted(REWARDS))}, or a dotted path")
+    module_name, _, attr = name.rpartition(".")
+    if os.getcwd() not in sys.path:  # user rewards live in the project the command runs from (`rewards/...`)
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"reward '{name}': cannot load it ({err})") from None
+    if not callable(fn):
+        raise ConfigError(f"reward '{name}' is not a function")
+    return fn
+
+
+def compute(name: str, fn: RewardFn, batch: RewardBatch, tables: ItemTables, params: Mapping) -> list[float]:
+    """Call one reward and check its output: a raise, a wrong length or a NaN fails with the reward's name."""
+    try:
+        values = [float(v) for v in fn(batch, tables, **params)]
+    except RlrecError:
+        raise
+    except Exception as err:  # a user reward's bug: name it instead of a bare traceback deep in TRL
+        raise RlrecError(f"reward '{name}' raised {type(err).__name__}: {err}") from err
+    if len(values) != len(batch.items):
+        raise RlrecError(f"reward '{name}' returned {len(values)} values for {len(batch.items)} completions")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RlrecError(f"reward '{name}' returned a non-finite value ({values[bad[0]]}) for completion {bad[0]}")
+    return values

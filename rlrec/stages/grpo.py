@@ -1,0 +1,400 @@
+"""GRPO stage: reinforcement learning from verifiable ranking rewards, starting from the SFT model.
+
+    rlrec grpo --config recipes/<dataset>/grpo_<variant>.yaml                      (one process)
+    accelerate launch --config_file accelerate_configs/<x>.yaml -m rlrec.stages.grpo --config <recipe>
+
+TRL's `GRPOTrainer`, composed and not forked: we hand it a `rollout_func` that decodes through the catalogue trie,
+so every completion is a real item. Two rollout modes:
+- `beam`: one constrained beam search of width G per prompt returns G distinct items (MiniOneRec's rollout); each
+  completion's beam rank reaches the rewards (`rank_penalty`, `ndcg`);
+- `sample`: G constrained samples per prompt at `temperature` (TRL's usual estimator; items may repeat).
+Rewards are `rlrec.rewards` functions with weights from the recipe. TRL's loss types, reward scaling, clipping and
+KL coefficient are exposed as they are.
+
+The guard. A naive RL stage made a converged SFT model worse on real data (`../shared/notes/rl-calibration.md`:
+-34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a held-out slice of the validation users at
+step 0 and every `guard.eval_steps`, keeps the best weights, stops after `guard.patience` evaluations without a
+gain, and saves the best model: the stage can never return a model worse on validation than the one it started
+from. The curve is in `guard.jsonl` and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from rlrec.config import load_config
+from rlrec.errors import ConfigError, RlrecError
+from rlrec.evaluate import EvalConfig, RunData, load_run_data
+from rlrec.models import BASE_MODEL_DIR, load_model
+from rlrec.rewards import NEEDS_RANK, ItemTables, RewardBatch, compute, resolve
+from rlrec.stages.common import (
+    LoraSection,
+    Timer,
+    TrainSection,
+    finish_distributed,
+    has_token_adapters,
+    is_main_process,
+    last_checkpoint,
+    lora_config,
+    training_arguments,
+    unfuse_lm_head,
+    world_size,
+)  # fmt: skip
+
+if TYPE_CHECKING:
+    from rlrec.recipe import Recipe
+
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
+
+
+@dataclass
+class GuardConfig:
+    """Eval-gated training: NDCG@K on the first `users` rows of a held-out split."""
+
+    eval_steps: int = 25
+    users: int = 500
+    split: Literal["valid", "test"] = "valid"
+    k: int = 10
+    patience: int = 4  # evaluations without a gain before stopping; 0 never stops early
+    keep_best: bool = True  # save the best evaluated weights (step 0 included), not the last
+
+    def __post_init__(self) -> None:
+        if self.eval_steps < 1 or self.users < 1 or self.k < 1 or self.patience < 0:
+            raise ConfigError("grpo.guard: eval_steps, users and k must be >= 1, patience >= 0")
+
+
+@dataclass
+class GRPOStageConfig:
+    init: str = "sft"  # stage of this run whose model to start from (sft, dpo), or a model folder
+    finetune: Literal["auto", "lora", "full"] = "auto"  # auto: train what init holds (its adapter, or all weights)
+    lora: LoraSection = field(default_factory=LoraSection)  # used when a full init gets a new adapter
+    rollout: Literal["beam", "sample"] = "beam"
+    num_generations: int = 16  # G, completions per prompt
+    temperature: float = 1.0  # for sample rollouts
+    rewards: dict[str, float] = field(default_factory=lambda: {"hit": 1.0, "rank_penalty": 1.0})
+    reward_params: dict[str, dict] = field(default_factory=dict)
+    loss_type: LossType = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    beta: float = 0.0  # KL coefficient to the init policy (0: no reference model)
+    epsilon: float = 0.2  # PPO-style clip
+    prompts_per_device: int = 8  # prompts per step per process; completions = prompts x G
+    train_rows: Literal["all", "last"] = "last"  # all training prefixes, or each user's most recent one
+    max_train_prompts: int | None = None
+    train: TrainSection = field(default_factory=lambda: TrainSection(learning_rate=1e-5, logging_steps=5))
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    eval_splits: list[Literal["valid", "test"]] = field(default_factory=lambda: ["test"])
+    eval_max_users: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError("grpo.num_generations must be >= 2 (advantages are relative within a group)")
+        if not self.rewards:
+            raise ConfigError("grpo.rewards: name at least one reward")
+        unknown = set(self.reward_params) - set(self.rewards)
+        if unknown:
+            raise ConfigError(f"grpo.reward_params names rewards not in grpo.rewards: {sorted(unknown)}")
+        if self.rollout == "sample":
+            ranked = NEEDS_RANK & set(self.rewards)
+            if ranked:
+                raise ConfigError(f"grpo.rewards {sorted(ranked)} need beam ranks; use grpo.rollout: beam")
+        if self.temperature <= 0 or self.prompts_per_device < 1:
+            raise ConfigError("grpo: temperature > 0 and prompts_per_device >= 1 are required")
+
+
+# --- rollouts ---------------------------------------------------------------------------------------------------
+
+
+def _groups(prompts: list, size: int) -> list:
+    """The unique prompts of TRL's batch, which repeats each prompt G times in a row (checked, not assumed)."""
+    if len(prompts) % size:
+        raise RlrecError(f"rollout got {len(prompts)} prompts, not a multiple of num_generations={size}")
+    unique = prompts[::size]
+    for g, prompt in enumerate(unique):
+        if any(p != prompt for p in prompts[g * size : (g + 1) * size]):
+            raise RlrecError("rollout: TRL's prompt batch is not G copies of each prompt in a row")
+    return unique
+
+
+def make_rollout(trie, tokenizer, config: GRPOStageConfig):
+    """The `rollout_func` for GRPOTrainer: prompts -> G catalogue items each (token ids, item ids, beam ranks)."""
+    from trl.models.utils import unwrap_model_for_generation
+
+    from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
+    from rlrec.decoding.processor import TrieLogitsProcessor, items_from_generations
+
+    size = config.num_generations
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
+    position = {item: i for i, item in enumerate(trie.item_ids)}
+
+    def rollout(prompts: list, trainer) -> dict:
+        unique = _groups(prompts, size)
+        encoded = encode_prompts(tokenizer, unique)
+        ids, mask = left_pad(encoded, pad_id)
+        device = trainer.accelerator.device
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+            was_training = model.training
+            model.eval()
+            if config.rollout == "beam":
+                indices, _ = beam_search(model, trie, ids.to(device), mask.to(device), size)
+                if bool((indices < 0).any()):
+                    raise RlrecError(f"beam rollout found fewer than G={size} items; lower grpo.num_generations")
+                items = [trie.item_ids[int(i)] for i in indices.reshape(-1)]
+                ranks = list(range(size)) * len(unique)
+            else:
+                processor = TrieLogitsProcessor(trie, ids.shape[1], pad_id)
+                with torch.no_grad():
+                    sequences = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                        temperature=config.temperature, top_k=0, top_p=1.0, num_return_sequences=size,
+                        max_new_tokens=trie.max_length, logits_processor=[processor], pad_token_id=pad_id,
+                    )  # fmt: skip
+                items = items_from_generations(trie, sequences.cpu(), ids.shape[1])
+                ranks = [None] * len(items)
+            if was_training:
+                model.train()
+        return {
+            "prompt_ids": [encoded[i // size] for i in range(len(items))],
+            "completion_ids": [list(trie.sequences[position[item]]) for item in items],
+            "logprobs": None,  # TRL recomputes them under the policy (the constraint mask is not in the ratio)
+            "item": items,
+            "beam_rank": ranks,
+        }
+
+    return rollout
+
+
+# --- rewards ------------------------------------------------------------------------------------------------------
+
+
+def reward_functions(config: GRPOStageConfig, tables: ItemTables) -> list:
+    """One TRL reward function per recipe reward (named, for TRL's `rewards/<name>/mean` logs). The first also logs
+    the rollout's hit rate, the share of groups with at least one hit, and the valid rate."""
+    size = config.num_generations
+    funcs = []
+    for position, name in enumerate(config.rewards):
+        fn, params = resolve(name), config.reward_params.get(name, {})
+
+        def trl_reward(prompts, completions, completion_ids, item, beam_rank, target, history, log_metric=None,
+                       _name=name, _fn=fn, _params=params, _first=position == 0, **_):  # fmt: skip
+            batch = RewardBatch(list(item), list(target), [list(h) for h in history], list(beam_rank), size)
+            if _first and log_metric is not None:
+                hits = [a == b for a, b in zip(batch.items, batch.targets, strict=True)]
+                groups = [any(hits[g : g + size]) for g in range(0, len(hits), size)]
+                log_metric("rollout/hit_rate", sum(hits) / len(hits))
+                log_metric("rollout/groups_with_hit", sum(groups) / len(groups))
+                log_metric("rollout/valid_rate", sum(i in tables.identifiers for i in batch.items) / len(hits))
+            return compute(_name, _fn, batch, tables, _params)
+
+        trl_reward.__name__ = name.rpartition(".")[2]
+        funcs.append(trl_reward)
+    return funcs
+
+
+def item_tables(recipe: Recipe, data: RunData) -> ItemTables:
+    from rlrec.baselines import training_sequences
+
+    catalog = [json.loads(line) for line in (data.path / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+    return ItemTables(
+        item_ids=data.item_ids, identifiers=data.identifiers, popularity=data.popularity,
+        sequences=training_sequences(data), titles={c["item_id"]: c.get("title", "") for c in catalog},
+        cache_dir=recipe.run_dir / "cache",
+    )  # fmt: skip
+
+
+# --- the guard ------------------------------------------------------------------------------------------------------
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def make_guard(model, tokenizer, data: RunData, eval_config: EvalConfig, guard: GuardConfig, out: Path):
+    """A TrainerCallback: held-out NDCG@K at step 0 and every `eval_steps`; keeps the best trainable weights and
+    stops after `patience` evaluations without a gain. Every process evaluates the same rows (no communication,
+    identical decisions, and ZeRO-3's sharded forward stays in step)."""
+    from transformers import TrainerCallback
+
+    from rlrec.stages.evaluate import evaluate_generative
+
+    rows = data.rows(guard.split, guard.users)
+    metric = f"ndcg@{guard.k}"
+    config = EvalConfig(ks=[guard.k], beam_width=max(eval_config.beam_width or guard.k, guard.k),
+                        batch_size=eval_config.batch_size, exclude_history=eval_config.exclude_history)  # fmt: skip
+
+    class Guard(TrainerCallback):
+        def __init__(self) -> None:
+            self.history: list[dict] = []
+            self.best: tuple[float, int] = (-math.inf, 0)
+            self.best_state: dict[str, torch.Tensor] | None = None
+            self.stale = 0
+
+        def evaluate(self, step: int, control) -> None:
+            training = model.training
+            result = evaluate_generative(model, tokenizer, data, config, rows, progress=False)["metrics"]
+            if training:
+                model.train()
+            value = result[metric]
+            entry = {"step": step, metric: value, f"hr@{guard.k}": result[f"hr@{guard.k}"], "users": len(rows)}
+            self.history.append(entry)
+            if value > self.best[0]:
+                self.best, self.stale = (value, step), 0
+                if guard.keep_best:
+                    self.best_state = _trainable_state(model)
+            else:
+                self.stale += 1
+                if guard.patience and self.stale >= guard.patience:
+                    control.should_training_stop = True
+            if is_main_process():
+                print(f"rlrec grpo guard: step {step} {guard.split} {metric} {value:.4f} "
+                      f"(best {self.best[0]:.4f} at step {self.best[1]})", flush=True)  # fmt: skip
+                with (out / "guard.jsonl").open("a", encoding="utf-8") as log:
+                    log.write(json.dumps(entry) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.evaluate(state.global_step, control)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % guard.eval_steps == 0:
+                self.evaluate(state.global_step, control)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if not self.history or self.history[-1]["step"] != state.global_step:
+                self.evaluate(state.global_step, control)
+
+        def restore_best(self) -> int:
+            """Load the best evaluated weights back; returns the step they come from."""
+            if self.best_state is not None:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if name in self.best_state:
+                            p.copy_(self.best_state[name].to(p.device))
+            return self.best[1]
+
+    return Guard()
+
+
+# --- the stage ------------------------------------------------------------------------------------------------------
+
+
+def init_model_dir(recipe: Recipe, init: str) -> Path:
+    path = recipe.stage_dir(init) / "model" if init in ("sft", "dpo") else Path(init)
+    if not path.is_dir():
+        raise RlrecError(f"grpo.init: no model at {path}; run the '{init}' stage first or give a model folder")
+    return path
+
+
+def train_dataset(data: RunData, config: GRPOStageConfig, seed: int):
+    rows = data.rows("train")
+    if config.train_rows == "last":
+        last = {user: i for i, user in enumerate(rows["user"])}
+        rows = rows.select(sorted(last.values()))
+    rows = rows.shuffle(seed=seed)
+    if config.max_train_prompts:
+        rows = rows.select(range(min(config.max_train_prompts, len(rows))))
+    return rows.remove_columns([c for c in rows.column_names if c not in ("prompt", "target", "history", "user")])
+
+
+def run(recipe: Recipe) -> dict | None:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlrec.decoding import ItemTrie
+    from rlrec.stages.sft import finish_stage, trainable_parameters
+
+    config: GRPOStageConfig = recipe.section("grpo")
+    timer = Timer()
+    data = load_run_data(recipe.stage_dir("data"))
+    out = recipe.stage_dir("grpo")
+    init = init_model_dir(recipe, config.init)
+    adapter_init = (init / "adapter_config.json").is_file()
+    finetune = config.finetune if config.finetune != "auto" else ("lora" if adapter_init else "full")
+    model, tokenizer = load_model(init, trainable=True)
+    peft_config = None
+    if adapter_init and finetune == "full":
+        model = model.merge_and_unload()
+    elif not adapter_init and finetune == "lora":
+        from rlrec.items.index import CODE_IN_TEXT
+
+        codes = sorted({c for text in data.identifiers.values() for c in CODE_IN_TEXT.findall(text)})
+        token_ids = tokenizer.convert_tokens_to_ids(codes)
+        peft_config = lora_config(config.lora, model, token_ids, "trainable_token_indices")
+    tables = item_tables(recipe, data)
+    funcs = reward_functions(config, tables)
+    trie = ItemTrie.build(tokenizer, data.identifiers)
+    dataset = train_dataset(data, config, recipe.seed)
+    kwargs = training_arguments(config.train, out, recipe.seed)
+    kwargs.pop("train_sampling_strategy")  # GRPO samples with its own RepeatSampler
+    kwargs["per_device_train_batch_size"] = config.prompts_per_device * config.num_generations
+    args = GRPOConfig(
+        **kwargs, num_generations=config.num_generations, max_completion_length=trie.max_length,
+        beta=config.beta, loss_type=config.loss_type, scale_rewards=config.scale_rewards, epsilon=config.epsilon,
+        reward_weights=list(config.rewards.values()), temperature=config.temperature, log_completions=False,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "guard.jsonl").unlink(missing_ok=True)
+    try:
+        trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config,
+                              rollout_func=make_rollout(trie, tokenizer, config))  # fmt: skip
+    except ValueError as err:
+        raise RlrecError(f"cannot set up GRPO: {err}") from None
+    if has_token_adapters(trainer.model):
+        unfuse_lm_head(trainer.model.get_base_model(), config.temperature)
+    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out)
+    trainer.add_callback(guard)
+    resume = last_checkpoint(out, config.train.resume)
+    if is_main_process():
+        print(f"rlrec grpo: world size {world_size()} ({trainer.accelerator.distributed_type.value}), {finetune} "
+              f"fine-tuning from {init}, {config.rollout} rollouts G={config.num_generations}, rewards "
+              f"{config.rewards}, {len(dataset):,} prompts, resume from {resume or 'scratch'}", flush=True)  # fmt: skip
+    result = trainer.train(resume_from_checkpoint=resume)
+    best_step = trainer.state.global_step
+    if config.guard.keep_best:
+        best_step = guard.restore_best()
+    trainer.save_model(str(out / "model"))
+    if adapter_init and finetune == "lora" and (init.parent / BASE_MODEL_DIR).is_dir() and is_main_process():
+        shutil.copytree(init.parent / BASE_MODEL_DIR, out / BASE_MODEL_DIR, dirs_exist_ok=True)
+    trainer.accelerator.wait_for_everyone()
+    summary = {
+        "init": str(init), "finetune": finetune, "rollout": config.rollout, "num_generations": config.num_generations,
+        "rewards": config.rewards, "global_step": trainer.state.global_step, "saved_step": best_step,
+        "train_loss": round(result.training_loss, 5), "resumed_from": resume, "world_size": world_size(),
+        "distributed_type": trainer.accelerator.distributed_type.value, "train_seconds": timer.seconds,
+        "trainable_parameters": trainable_parameters(trainer.model), "train_prompts": len(dataset),
+        "guard": guard.history,
+    }  # fmt: skip
+    if not is_main_process():
+        return None
+    with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:
+        for row in trainer.state.log_history:
+            log.write(json.dumps(row) + "\n")
+    return finish_stage(recipe, out, data, summary, config, timer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `accelerate launch -m rlrec.stages.grpo --config <recipe> [overrides]`."""
+    import argparse
+
+    from rlrec.recipe import Recipe
+
+    parser = argparse.ArgumentParser(prog="rlrec.stages.grpo")
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        run(load_config(Recipe, args.config, overrides))
+    except RlrecError as err:
+        print(f"rlrec: error: {err}", file=sys.stderr)
+        return 2
+    finish_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""GRPO stage with real TRL GRPOTrainer runs (trie-constrained rollouts) on a tiny SFT model and Scientific data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from transformers import TrainerControl
+
+from rlrec.config import from_dict, load_config
+from rlrec.evaluate import EvalConfig, load_run_data
+from rlrec.models import load_model
+from rlrec.recipe import Recipe
+from rlrec.rewards import resolve
+from rlrec.stages.grpo import GuardConfig, make_guard
+from rlrec.stages.grpo import run as run_grpo
+from rlrec.stages.sft import run as run_sft
+from tests.conftest import REPO
+from tests.test_sft import launch, prepared, tiny_recipe  # noqa: F401  (prepared is a fixture)
+
+SEEN: list = []  # items the probe reward saw
+
+
+def record_items(batch, tables):
+    """A user reward loaded by dotted path; records every rollout item (weight 0 in the recipe)."""
+    SEEN.extend(batch.items)
+    return [0.0] * len(batch.items)
+
+
+@pytest.fixture(scope="module")
+def sft_run(shared_data, prepared, tmp_path_factory):  # noqa: F811
+    """A tiny SFT model (4 steps) on prepared Scientific data: runs/tiny/{data,sft}."""
+    out = tmp_path_factory.mktemp("sft_run")
+    recipe = from_dict(Recipe, tiny_recipe(shared_data, out))
+    shutil.copytree(prepared, recipe.stage_dir("data"))
+    run_sft(recipe)
+    return out
+
+
+def grpo_recipe(shared_data, sft_run, tmp_path, **grpo) -> dict:
+    shutil.copytree(sft_run / "tiny", tmp_path / "tiny")
+    raw = tiny_recipe(shared_data, tmp_path)
+    raw["grpo"] = {
+        "num_generations": 4, "prompts_per_device": 2, "max_train_prompts": 64,
+        "rewards": {"hit": 1.0, "rank_penalty": 1.0, "tests.test_grpo.record_items": 0.0},
+        "train": {"max_steps": 3, "learning_rate": 0.01, "logging_steps": 1, "save_steps": 100, "report_to": []},
+        "guard": {"eval_steps": 2, "users": 8, "keep_best": False},
+        "eval_max_users": 8, **grpo,
+    }  # fmt: skip
+    return raw
+
+
+def test_beam_grpo_changes_parameters_and_rollouts_are_catalogue_items(shared_data, sft_run, tmp_path):
+    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path))
+    SEEN.clear()
+    metrics = run_grpo(recipe)
+    catalogue = set(load_run_data(recipe.stage_dir("data")).item_ids)
+    assert len(SEEN) == 3 * 2 * 4  # steps x prompts x G
+    assert all(item in catalogue for item in SEEN)
+    before, _ = load_model(recipe.stage_dir("sft") / "model")
+    after, _ = load_model(recipe.stage_dir("grpo") / "model")
+    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True)
+               if not torch.equal(a, b)]  # fmt: skip
+    assert len(changed) >= 5
+    training = metrics["training"]
+    assert training["global_step"] == 3 and training["rollout"] == "beam" and training["saved_step"] == 3
+    assert [g["step"] for g in training["guard"]] == [0, 2, 3]
+    assert metrics["test"]["metrics"]["valid_rate"] == 1.0
+    log = [json.loads(line) for line in (recipe.stage_dir("grpo") / "train_log.jsonl").read_text().splitlines()]
+    logged = {key for row in log for key in row}
+    assert {"rewards/hit/mean", "rewards/rank_penalty/mean", "frac_reward_zero_std", "rollout/hit_rate",
+            "rollout/groups_with_hit", "rollout/valid_rate"} <= logged  # fmt: skip
+    assert all(row["rollout/valid_rate"] == 1.0 for row in log if "rollout/valid_rate" in row)
+
+
+def test_sample_rollouts_with_lora_on_a_full_model(shared_data, sft_run, tmp_path):
+    raw = grpo_recipe(shared_data, sft_run, tmp_path, rollout="sample", finetune="lora", lora={"r": 4, "alpha": 8},
+                      rewards={"hit": 1.0, "sid_prefix": 1.0, "tests.test_grpo.record_items": 0.0})  # fmt: skip
+    raw["grpo"]["train"]["max_steps"] = 2
+    recipe = from_dict(Recipe, raw)
+    SEEN.clear()
+    metrics = run_grpo(recipe)
+    catalogue = set(load_run_data(recipe.stage_dir("data")).item_ids)
+    assert len(SEEN) == 2 * 2 * 4 and all(item in catalogue for item in SEEN)
+    assert metrics["training"]["finetune"] == "lora"
+    assert metrics["training"]["trainable_parameters"] < sum(p.numel() for p in load_model(
+        recipe.stage_dir("sft") / "model")[0].parameters())  # fmt: skip
+    assert (recipe.stage_dir("grpo") / "model" / "adapter_config.json").is_file()
+
+
+def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
+    """The guard evaluates, snapshots the best weights, stops after `patience` evaluations without a gain, and
+    restores the best weights: a model ruined after step 0 is saved as it was at step 0."""
+    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path))
+    data = load_run_data(recipe.stage_dir("data"))
+    model, tokenizer = load_model(recipe.stage_dir("sft") / "model", trainable=True)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    guard = make_guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, patience=1),
+                       recipe.stage_dir("grpo"))  # fmt: skip
+    recipe.stage_dir("grpo").mkdir(parents=True)
+    control = TrainerControl()
+    guard.evaluate(0, control)
+    with torch.no_grad():  # ruin it: every logit equal, so no ranking beats the trained one
+        model.lm_head.weight.zero_()
+    guard.evaluate(1, control)
+    assert control.should_training_stop
+    assert guard.restore_best() == 0
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    assert [json.loads(line)["step"] for line in (recipe.stage_dir("grpo") / "guard.jsonl").open()] == [0, 1]
+
+
+def test_shipped_grpo_recipes_parse():
+    paths = sorted((REPO / "recipes").rglob("grpo*.yaml"))
+    assert paths
+    for path in paths:
+        recipe = load_config(Recipe, path)
+        assert recipe.grpo is not None and recipe.grpo.rewards
+
+
+@pytest.mark.distributed
+def test_grpo_two_cpu_processes(shared_data, sft_run, tmp_path):
+    raw = grpo_recipe(shared_data, sft_run, tmp_path, rewards={"hit": 1.0, "ndcg": 1.0})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = launch("accelerate_configs/cpu_2proc.yaml", path, module="rlrec.stages.grpo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2" in result.stdout
+    training = json.loads((tmp_path / "tiny" / "grpo" / "metrics.json").read_text())["training"]
+    assert training["world_size"] == 2 and training["global_step"] == 3
+
+
+def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
+    from rlrec.ablate import run_ablation
+
+    raw = grpo_recipe(shared_data, sft_run, tmp_path)
+    raw["grpo"]["train"]["max_steps"] = 2
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    grid = tmp_path / "tiny_grid.yaml"
+    grid.write_text(yaml.safe_dump({"seeds": [0, 1], "reward_sets": {"hit+ndcg": {"hit": 1.0, "ndcg": 1.0}}}))
+    report = run_ablation(str(config), str(grid), jobs=2)
+    assert set(report["results"]) == {"hit+ndcg"}
+    for cell in report["results"].values():
+        assert [r["seed"] for r in cell["runs"]] == [0, 1] and all(r["global_step"] == 2 for r in cell["runs"])
+        assert cell["summary"]["ndcg@10"]["mean"] == pytest.approx(
+            sum(r["metrics"]["ndcg@10"] for r in cell["runs"]) / 2)  # fmt: skip
+    out = tmp_path / "tiny" / "ablations" / "tiny_grid"
+    table = (out / "table.md").read_text()
+    assert "| SFT (start) |" in table and "| GRPO hit+ndcg (2 seeds) |" in table
+    assert (out / "cells" / "hit+ndcg-s1" / "sft").is_symlink()
+    # a rerun finds every cell done and only re-tabulates
+    assert run_ablation(str(config), str(grid), jobs=2)["results"].keys() == report["results"].keys()
+
+
+def test_shipped_ablation_grids_parse():
+    from rlrec.ablate import AblationGrid
+
+    paths = sorted((REPO / "rewards" / "ablations").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        grid = load_config(AblationGrid, path)
+        for rewards in grid.reward_sets.values():
+            for name in rewards:
+                resolve(name)
+
+
+def test_unfused_head_matches_trl_fused_head():
+    """Our replacement for TRL's fused LM head (needed under PEFT token adapters) returns the same numbers."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from rlrec.models import ModelConfig, build_for_training
+    from rlrec.stages.common import unfuse_lm_head
+
+    model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=32, layers=1, heads=2), {"i1": "<a_1><b_2>"},
+                                             ["the user liked these items"], seed=0)  # fmt: skip
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    add_fused_lm_head(fused, temperature=0.7, outputs=("log_probs", "entropy"))
+    unfuse_lm_head(plain, temperature=0.7)
+    ids = torch.randint(0, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    a = fused(input_ids=ids, labels=labels, fused_lm_head=True)
+    b = plain(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert torch.allclose(a.log_probs, b.log_probs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+    assert torch.allclose(a.loss, b.loss, atol=1e-5)
+    assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)  # generation path untouched
