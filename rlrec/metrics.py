@@ -80,3 +80,19 @@ def beyond_accuracy(
         out[f"arp@{k}"] = sum(popularity.get(i, 0) for i in top) / len(top) if top else 0.0
         out[f"tail_share@{k}"] = sum(1 for i in top if i not in head) / len(top) if top else 0.0
     return out
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of the per-user differences a - b with a 95% percentile bootstrap interval over users (the same users
+    resampled for both systems, so user difficulty cancels): (mean, low, high)."""
+    import numpy as np
+
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"paired_bootstrap needs two equal, non-empty lists ({len(a)} vs {len(b)})")
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)

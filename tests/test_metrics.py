@@ -38,3 +38,16 @@ def test_beyond_accuracy_by_hand():
     assert m["coverage@2"] == pytest.approx(3 / 5)  # {a, b, c}
     assert m["arp@1"] == pytest.approx((10 + 10 + 5) / 3)
     assert m["tail_share@2"] == pytest.approx(4 / 7)  # valid top-2 entries: a b a c a b b -> b c b b not head
+
+
+def test_paired_bootstrap_interval_covers_the_difference_and_detects_none():
+    from rlrec.metrics import paired_bootstrap
+
+    a = [1.0, 0.0, 1.0, 1.0] * 50
+    b = [0.0, 0.0, 1.0, 1.0] * 50
+    mean, low, high = paired_bootstrap(a, b)
+    assert mean == pytest.approx(0.25) and 0 < low < 0.25 < high < 0.5
+    mean, low, high = paired_bootstrap(a, a)
+    assert mean == low == high == 0.0
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap([1.0], [1.0, 0.0])
