@@ -54,6 +54,7 @@ class RunData:
     identifiers: dict[str, str]
     popularity: Counter  # train interaction counts
     stats: dict
+    catalog: list[dict] = field(default_factory=list)  # catalog.jsonl rows (item_id, title, identifier, ...)
 
     def rows(self, split: str, max_users: int | None = None) -> Dataset:
         if split not in self.dataset:
@@ -84,7 +85,7 @@ def load_run_data(data_dir: str | Path) -> RunData:
     stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
     popularity = train_popularity(dataset["train"]) if "train" in dataset else Counter()
     return RunData(data_dir, dataset, [c["item_id"] for c in catalog],
-                   {c["item_id"]: c["identifier"] for c in catalog}, popularity, stats)  # fmt: skip
+                   {c["item_id"]: c["identifier"] for c in catalog}, popularity, stats, catalog)  # fmt: skip
 
 
 def topk_from_scores(

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from rlrec.errors import ConfigError
+from rlrec.errors import ConfigError, RlrecError
 
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
@@ -181,6 +181,26 @@ def finish_distributed() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def stage_main(prog: str, run, argv: list[str] | None) -> int:
+    """`accelerate launch -m <prog> --config <recipe> [overrides]`: run the stage, print an RlrecError as one line
+    (exit 2), and leave the process group cleanly (see finish_distributed)."""
+    import argparse
+
+    from rlrec.config import load_config
+    from rlrec.recipe import Recipe  # the recipe imports the stage modules, which import this one
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        run(load_config(Recipe, args.config, overrides))
+    except RlrecError as err:
+        print(f"rlrec: error: {err}", file=sys.stderr)
+        return 2
+    finish_distributed()
+    return 0
 
 
 class Timer:

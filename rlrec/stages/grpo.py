@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from rlrec.config import load_config
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.evaluate import EvalConfig, RunData, load_run_data
 from rlrec.models import BASE_MODEL_DIR, load_model
@@ -39,11 +38,11 @@ from rlrec.stages.common import (
     LoraSection,
     Timer,
     TrainSection,
-    finish_distributed,
     has_token_adapters,
     is_main_process,
     last_checkpoint,
     lora_config,
+    stage_main,
     training_arguments,
     unfuse_lm_head,
     world_size,
@@ -201,10 +200,9 @@ def reward_functions(config: GRPOStageConfig, tables: ItemTables) -> list:
 def item_tables(recipe: Recipe, data: RunData) -> ItemTables:
     from rlrec.baselines import training_sequences
 
-    catalog = [json.loads(line) for line in (data.path / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
     return ItemTables(
         item_ids=data.item_ids, identifiers=data.identifiers, popularity=data.popularity,
-        sequences=training_sequences(data), titles={c["item_id"]: c.get("title", "") for c in catalog},
+        sequences=training_sequences(data), titles={c["item_id"]: c.get("title", "") for c in data.catalog},
         cache_dir=recipe.run_dir / "cache",
     )  # fmt: skip
 
@@ -380,20 +378,7 @@ def run(recipe: Recipe) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `accelerate launch -m rlrec.stages.grpo --config <recipe> [overrides]`."""
-    import argparse
-
-    from rlrec.recipe import Recipe
-
-    parser = argparse.ArgumentParser(prog="rlrec.stages.grpo")
-    parser.add_argument("--config", required=True)
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        run(load_config(Recipe, args.config, overrides))
-    except RlrecError as err:
-        print(f"rlrec: error: {err}", file=sys.stderr)
-        return 2
-    finish_distributed()
-    return 0
+    return stage_main("rlrec.stages.grpo", run, argv)
 
 
 if __name__ == "__main__":

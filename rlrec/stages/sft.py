@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from rlrec.config import dump_config, load_config
+from rlrec.config import dump_config
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.evaluate import EvalConfig, load_run_data
 from rlrec.manifest import write_manifest
@@ -29,10 +29,10 @@ from rlrec.stages.common import (
     LoraSection,
     Timer,
     TrainSection,
-    finish_distributed,
     is_main_process,
     last_checkpoint,
     lora_config,
+    stage_main,
     training_arguments,
     world_size,
     write_json,
@@ -125,7 +125,7 @@ def train_sft(recipe: Recipe):
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     out = recipe.stage_dir("sft")
-    catalog = [json.loads(line) for line in (data.path / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+    catalog = data.catalog
     identifier = data.stats["identifier"]
     if identifier != "sid" and (config.tasks.title_to_sid or config.tasks.sid_to_title):
         raise ConfigError(f"sft.tasks title_to_sid / sid_to_title need semantic IDs; this data uses '{identifier}'")
@@ -196,20 +196,7 @@ def finish_stage(recipe: Recipe, out, data, summary: dict, config, timer: Timer)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `accelerate launch -m rlrec.stages.sft --config <recipe> [overrides]`."""
-    import argparse
-
-    from rlrec.recipe import Recipe
-
-    parser = argparse.ArgumentParser(prog="rlrec.stages.sft")
-    parser.add_argument("--config", required=True)
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        run(load_config(Recipe, args.config, overrides))
-    except RlrecError as err:
-        print(f"rlrec: error: {err}", file=sys.stderr)
-        return 2
-    finish_distributed()
-    return 0
+    return stage_main("rlrec.stages.sft", run, argv)
 
 
 if __name__ == "__main__":
