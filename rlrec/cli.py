@@ -97,6 +97,22 @@ def _grpo(args: argparse.Namespace, overrides: list[str]) -> None:
     _print_stage_metrics(recipe, "grpo", run(recipe))
 
 
+def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.pipeline import run_pipeline
+
+    run_pipeline(load_config(Recipe, args.config, overrides))
+
+
+def _publish(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.publish import publish
+
+    if overrides:
+        raise RlrecError(f"rlrec publish: unexpected arguments {overrides}")
+    folder = publish(args.stage, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    print(f"wrote {folder} ({len(files)} files{', dry run: nothing pushed' if args.dry_run else ''})")
+
+
 def _ablate(args: argparse.Namespace, overrides: list[str]) -> None:
     from rlrec.ablate import run_ablation
 
@@ -110,6 +126,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[st
     ("eval",): ("full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval", _eval),
     ("sft",): ("supervised fine-tuning (LoRA or full) on history -> next item, then evaluation", _sft),
     ("grpo",): ("GRPO from the SFT model with verifiable ranking rewards and trie-constrained rollouts", _grpo),
+    ("pipeline",): ("items -> data -> baselines -> sft -> grpo/dpo -> eval, skipping finished stages", _pipeline),
+    ("publish",): ("a trained stage -> Hugging Face Hub repo (adapter, tokenizer, catalogue, model card)", _publish),
     ("ablate",): ("GRPO once per (reward set, seed) of a grid from the same SFT model, then a table", _ablate),
     ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", _items_build),
 }
@@ -127,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                 group = groups.add_parser(words[0], help=f"{words[0]} commands")
                 subparsers[words[0]] = group.add_subparsers(dest="action", required=True, metavar="action")
             cmd = subparsers[words[0]].add_parser(words[1], help=help_text)
+        if words == ("publish",):
+            cmd.add_argument("stage", help="a finished stage folder, e.g. runs/<name>/grpo")
+            cmd.add_argument("--repo-id", required=True, help="user/name on the Hub")
+            cmd.add_argument("--private", action="store_true", help="create the repo as private")
+            cmd.add_argument("--dry-run", action="store_true", help="only write the folder; push nothing")
+            cmd.add_argument("--out", help="folder to write (default runs/<name>/publish/<stage>)")
+            cmd.set_defaults(words=words)
+            continue
         cmd.add_argument("--config", required=True, help="recipe YAML")
         if words == ("ablate",):
             cmd.add_argument("--grid", required=True, help="ablation grid YAML (rewards/ablations/*.yaml)")

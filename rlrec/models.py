@@ -167,7 +167,7 @@ def load_model(path: str | Path, device: str | None = None, trainable: bool = Fa
 
     For an adapter, the base model named in `adapter_config.json` is loaded and resized to the saved tokenizer
     (identifier tokens added during training) before the adapter is applied; a from-scratch base is saved beside
-    the adapter as `../base_model`."""
+    the adapter as `../base_model` (or inside a published folder as `base_model/`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -179,8 +179,9 @@ def load_model(path: str | Path, device: str | None = None, trainable: bool = Fa
         from peft import PeftModel
 
         base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
-        local = path.parent / BASE_MODEL_DIR
-        base = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else base_name)
+        # a from-scratch base: inside a published folder, or beside the adapter in runs/<name>/<stage>/
+        local = [p for p in (path / BASE_MODEL_DIR, path.parent / BASE_MODEL_DIR) if p.is_dir()]
+        base = AutoModelForCausalLM.from_pretrained(str(local[0]) if local else base_name)
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)

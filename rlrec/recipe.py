@@ -6,6 +6,7 @@ command reads the run fields and its own section, so a single file can drive one
     seed: 0
     data: {source: ..., split: ..., prompt: ...}
     items: {quantizer: rqkmeans, codebook_sizes: [256, 256, 256], ...}   # semantic IDs (optional)
+    sft: {...}  grpo: {...}  eval: {...}  pipeline: {accelerate_config: ...}
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rlrec.data.config import DataConfig
 from rlrec.errors import ConfigError
 from rlrec.evaluate import EvalConfig
 from rlrec.items.config import ItemsConfig
+from rlrec.pipeline import PipelineConfig
 from rlrec.stages.grpo import GRPOStageConfig
 from rlrec.stages.sft import SFTStageConfig
 
@@ -33,6 +35,7 @@ class Recipe:
     sft: SFTStageConfig | None = None
     grpo: GRPOStageConfig | None = None
     eval: EvalConfig | None = None
+    pipeline: PipelineConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

@@ -58,11 +58,12 @@ def test_sasrec_beats_most_popular_on_the_synthetic_default(quickstart_run):
     assert popular.returncode == 0, popular.stderr
     sasrec = run_cli("baseline", "sasrec", *common, "sasrec.max_epochs=30", "sasrec.patience=5")
     assert sasrec.returncode == 0, sasrec.stderr
-    pop = json.loads((quickstart_run / "quickstart/most_popular/metrics.json").read_text())["results"]["most-popular"]
-    sas = json.loads((quickstart_run / "quickstart/sasrec/metrics.json").read_text())["results"]["sasrec"]
+    run = quickstart_run / "quickstart-title"
+    pop = json.loads((run / "most_popular/metrics.json").read_text())["results"]["most-popular"]
+    sas = json.loads((run / "sasrec/metrics.json").read_text())["results"]["sasrec"]
     assert sas["metrics"]["ndcg@10"] > 2 * pop["metrics"]["ndcg@10"]
     assert sas["training"]["best_epoch"] <= sas["training"]["epochs_run"] <= 30
-    log = (quickstart_run / "quickstart/sasrec/train_log.jsonl").read_text().splitlines()
+    log = (run / "sasrec/train_log.jsonl").read_text().splitlines()
     assert len(log) == sas["training"]["epochs_run"]
-    protocol = json.loads((quickstart_run / "quickstart/sasrec/metrics.json").read_text())["protocol"]
+    protocol = json.loads((run / "sasrec/metrics.json").read_text())["protocol"]
     assert protocol["split_method"] == "leave_one_out" and protocol["num_users"] == 1000

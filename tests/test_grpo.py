@@ -168,7 +168,7 @@ def test_shipped_ablation_grids_parse():
 
 
 def test_unfused_head_matches_trl_fused_head():
-    """Our replacement for TRL's fused LM head (needed under PEFT token adapters) returns the same numbers."""
+    """Our replacement for TRL's fused LM head (token adapters, small vocabularies) returns the same numbers."""
     import copy
 
     from trl.trainer.utils import add_fused_lm_head
@@ -179,7 +179,7 @@ def test_unfused_head_matches_trl_fused_head():
     model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=32, layers=1, heads=2), {"i1": "<a_1><b_2>"},
                                              ["the user liked these items"], seed=0)  # fmt: skip
     fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    add_fused_lm_head(fused, temperature=0.7, outputs=("log_probs", "entropy"))
+    add_fused_lm_head(fused, temperature=0.7, outputs=("log_probs", "entropy", "is_top1"))
     unfuse_lm_head(plain, temperature=0.7)
     ids = torch.randint(0, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -187,5 +187,6 @@ def test_unfused_head_matches_trl_fused_head():
     a = fused(input_ids=ids, labels=labels, fused_lm_head=True)
     b = plain(input_ids=ids, labels=labels, fused_lm_head=True)
     assert torch.allclose(a.log_probs, b.log_probs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
-    assert torch.allclose(a.loss, b.loss, atol=1e-5)
+    assert torch.allclose(a.loss, b.loss, atol=1e-5) and torch.equal(a.is_top1, b.is_top1)
+    assert torch.equal(a.label_mask, b.label_mask)
     assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)  # generation path untouched

@@ -38,13 +38,14 @@ from rlrec.stages.common import (
     LoraSection,
     Timer,
     TrainSection,
-    has_token_adapters,
+    checkpoint_step,
     is_main_process,
     last_checkpoint,
     lora_config,
     stage_main,
     training_arguments,
     unfuse_lm_head,
+    wants_plain_lm_head,
     world_size,
 )  # fmt: skip
 
@@ -343,8 +344,9 @@ def run(recipe: Recipe) -> dict | None:
                               rollout_func=make_rollout(trie, tokenizer, config))  # fmt: skip
     except ValueError as err:
         raise RlrecError(f"cannot set up GRPO: {err}") from None
-    if has_token_adapters(trainer.model):
-        unfuse_lm_head(trainer.model.get_base_model(), config.temperature)
+    if wants_plain_lm_head(config.train.lm_head, trainer.model):
+        base = trainer.model.get_base_model() if peft_config is not None else trainer.model
+        unfuse_lm_head(base, config.temperature)
     guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out)
     trainer.add_callback(guard)
     resume = last_checkpoint(out, config.train.resume)
@@ -363,7 +365,8 @@ def run(recipe: Recipe) -> dict | None:
     summary = {
         "init": str(init), "finetune": finetune, "rollout": config.rollout, "num_generations": config.num_generations,
         "rewards": config.rewards, "global_step": trainer.state.global_step, "saved_step": best_step,
-        "train_loss": round(result.training_loss, 5), "resumed_from": resume, "world_size": world_size(),
+        "train_loss": round(result.training_loss, 5), "resumed_from": resume,
+        "steps_run": trainer.state.global_step - checkpoint_step(resume), "world_size": world_size(),
         "distributed_type": trainer.accelerator.distributed_type.value, "train_seconds": timer.seconds,
         "trainable_parameters": trainable_parameters(trainer.model), "train_prompts": len(dataset),
         "guard": guard.history,

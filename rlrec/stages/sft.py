@@ -29,11 +29,14 @@ from rlrec.stages.common import (
     LoraSection,
     Timer,
     TrainSection,
+    checkpoint_step,
     is_main_process,
     last_checkpoint,
     lora_config,
     stage_main,
     training_arguments,
+    unfuse_lm_head,
+    wants_plain_lm_head,
     world_size,
     write_json,
 )  # fmt: skip
@@ -88,27 +91,6 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def trainer_class(token_adapters: bool):
-    """TRL's SFTTrainer, or a subclass overriding one method when PEFT adapts identifier tokens.
-
-    TRL 1.16 computes the SFT loss with a fused LM head that reads `lm_head.weight` (and `.bias`) directly. Under
-    PEFT's token adapters (`trainable_token_indices` or `modules_to_save`) that weight is the frozen original:
-    the trained identifier rows would never reach the output logits (and the wrapper has no `bias`, so it fails
-    with an AttributeError). The plain forward with labels goes through the adapters; full fine-tuning keeps the
-    fused path."""
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    if not token_adapters:
-        return SFTTrainer
-
-    class TokenAdapterSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    return TokenAdapterSFTTrainer
-
-
 def run(recipe: Recipe) -> dict | None:
     """Train, save, and (on the main process) evaluate; return the metrics there, None elsewhere."""
     trainer, out, data, summary, timer = train_sft(recipe)
@@ -119,7 +101,7 @@ def run(recipe: Recipe) -> dict | None:
 
 def train_sft(recipe: Recipe):
     """Train and save `runs/<name>/sft/model`; return (trainer, stage folder, run data, summary, timer)."""
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
     config: SFTStageConfig = recipe.section("sft")
     timer = Timer()
@@ -148,11 +130,12 @@ def train_sft(recipe: Recipe):
     args = SFTConfig(**training_arguments(config.train, out, recipe.seed), max_length=config.max_length,
                      completion_only_loss=True, packing=False)  # fmt: skip
     try:
-        trainer_cls = trainer_class(token_adapters=peft_config is not None and bool(token_ids))
-        trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                               peft_config=peft_config)  # fmt: skip
     except ValueError as err:  # PEFT's message when a target module is missing, for example
         raise RlrecError(f"cannot set up SFT: {err}") from None
+    if wants_plain_lm_head(config.train.lm_head, trainer.model):
+        unfuse_lm_head(trainer.model.get_base_model() if peft_config is not None else trainer.model)
     resume = last_checkpoint(out, config.train.resume)
     if is_main_process():
         print(
@@ -165,7 +148,8 @@ def train_sft(recipe: Recipe):
     trainer.accelerator.wait_for_everyone()
     summary = {
         "finetune": finetune, "global_step": trainer.state.global_step, "train_loss": round(result.training_loss, 5),
-        "resumed_from": resume, "world_size": world_size(), "train_seconds": timer.seconds,
+        "resumed_from": resume, "steps_run": trainer.state.global_step - checkpoint_step(resume),
+        "world_size": world_size(), "train_seconds": timer.seconds,
         "distributed_type": trainer.accelerator.distributed_type.value,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": trainable_parameters(trainer.model), "identifier_tokens": len(token_ids),

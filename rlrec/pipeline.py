@@ -1,0 +1,231 @@
+"""`rlrec pipeline`: one recipe from interaction logs to an evaluated recommender, resumable.
+
+    rlrec pipeline --config recipes/quickstart.yaml [--sft.train.epochs 2 ...]
+
+Stages run in a fixed order, each in its own folder of `runs/<name>/`:
+items (when the recipe has an `items` section) -> data -> most_popular -> sasrec (when `sasrec`) -> sft -> grpo ->
+dpo (each when its section exists) -> eval. Data, items, baselines and eval run in this process; the training
+stages (sft, grpo, dpo) run as `accelerate launch --config_file <pipeline.accelerate_config> -m rlrec.stages.<x>`
+subprocesses on the resolved recipe (`runs/<name>/recipe.yaml`), so one recipe scales from a CPU to N GPUs by
+changing one line.
+
+Skipping and resuming (the make / DVC idea, with keys instead of timestamps): every stage has a key, the hash of
+the recipe sections it reads and of the keys of all stages before it. A finished stage records its key in its
+`manifest.json`; a re-run skips a stage whose manifest holds the current key. A stage that started with the same
+key but did not finish (killed, crashed) runs again and its trainer resumes from the last checkpoint. A stage whose
+key changed (its config, or any earlier stage's, changed) is cleared and re-run, and so is every stage after it.
+At the end, `runs/<name>/summary.md` tabulates every stage's test HR@10 / NDCG@10 / valid rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rlrec.config import dump_config, to_dict
+from rlrec.errors import ConfigError, RlrecError
+
+Stage = Literal["items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "eval"]
+ORDER: tuple[str, ...] = ("items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "eval")
+TRAINING_STAGES = ("sft", "grpo", "dpo")
+# The recipe sections each stage reads: its key changes when one of them does.
+READS: dict[str, tuple[str, ...]] = {
+    "items": ("data", "items"),
+    "data": ("data", "items"),
+    "most_popular": ("eval",),
+    "sasrec": ("sasrec", "eval"),
+    "sft": ("sft", "eval"),
+    "grpo": ("grpo", "eval"),
+    "dpo": ("dpo", "eval"),
+    "eval": ("eval",),
+}
+KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[Stage] | None = None  # default: every stage whose section the recipe has (see ORDER)
+    accelerate_config: str = "accelerate_configs/single.yaml"  # for the training stages
+    launcher: Literal["accelerate", "python"] = "accelerate"  # python: `python -m rlrec.stages.<x>`, no launcher
+
+    def __post_init__(self) -> None:
+        if self.stages is not None:
+            unknown = [s for s in self.stages if s not in ORDER]
+            if unknown:
+                raise ConfigError(f"pipeline.stages: unknown stage(s) {unknown}; choose from {list(ORDER)}")
+
+
+def planned_stages(recipe) -> list[str]:
+    config = recipe.pipeline or PipelineConfig()
+    if config.stages is not None:
+        wanted = set(config.stages)
+    else:
+        wanted = {"data", "most_popular", "eval"} | {s for s in ("items", "sasrec", "sft", "grpo", "dpo")
+                                                      if getattr(recipe, s, None) is not None}  # fmt: skip
+    stages = [s for s in ORDER if s in wanted]
+    for stage in stages:
+        if stage in ("items", "sasrec", *TRAINING_STAGES) and getattr(recipe, stage, None) is None:
+            raise ConfigError(f"pipeline.stages has '{stage}' but the recipe has no '{stage}' section")
+    return stages
+
+
+def stage_keys(recipe, stages: list[str]) -> dict[str, str]:
+    """Chained keys: a stage's key covers its own sections, the seed, and every earlier stage's key."""
+    keys: dict[str, str] = {}
+    previous = ""
+    for stage in stages:
+        sections = {name: to_dict(getattr(recipe, name, None)) for name in READS[stage]}
+        payload = json.dumps({"stage": stage, "seed": recipe.seed, "sections": sections, "previous": previous},
+                             sort_keys=True, default=str)  # fmt: skip
+        previous = keys[stage] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return keys
+
+
+def stage_state(folder: Path, key: str) -> str:
+    """`done` (finished with this key), `resume` (started with this key), `stale` (ours, other key), `foreign`
+    (a folder the pipeline did not make, e.g. from a manual `rlrec sft`), or `new`."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("pipeline_key") == key:
+        return "done"
+    marker = folder / KEY_FILE
+    if marker.is_file():
+        return "resume" if marker.read_text().strip() == key else "stale"
+    return "foreign" if folder.exists() and any(folder.iterdir()) else "new"
+
+
+def _mark_done(folder: Path, key: str, seconds: float) -> None:
+    """Record the key in the stage's manifest (stages write their own; a stage without one gets a small one)."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"stage": folder.name}
+    manifest.update(pipeline_key=key, pipeline_wall_time_s=round(seconds, 1))
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
+    module = f"rlrec.stages.{stage}"
+    if config.launcher == "python":
+        command = [sys.executable, "-m", module, "--config", str(recipe_file)]
+    else:
+        accelerate_config = Path(config.accelerate_config)
+        if not accelerate_config.is_file():
+            raise ConfigError(f"pipeline.accelerate_config: {accelerate_config} does not exist (cwd {Path.cwd()})")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                   "-m", module, "--config", str(recipe_file)]  # fmt: skip
+    print(f"rlrec pipeline: {' '.join(command[2:] if config.launcher == 'accelerate' else command)}", flush=True)
+    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise RlrecError(f"stage {stage} failed (exit code {result.returncode}); rerun the pipeline to resume it")
+
+
+def _run_in_process(stage: str, recipe) -> None:
+    if stage == "items":
+        from rlrec.items.build import build
+
+        build(recipe)
+    elif stage == "data":
+        from rlrec.data.prepare import prepare
+
+        prepare(recipe)
+    elif stage == "most_popular":
+        from rlrec.stages.evaluate import run_most_popular
+
+        run_most_popular(recipe)
+    elif stage == "sasrec":
+        from rlrec.stages.evaluate import run_sasrec
+
+        run_sasrec(recipe)
+    elif stage == "eval":
+        from rlrec.stages.evaluate import run_eval
+
+        run_eval(recipe)
+
+
+def run_pipeline(recipe) -> str:
+    """Run (or skip, or resume) every planned stage; return the summary table (also in runs/<name>/summary.md)."""
+    config = recipe.pipeline or PipelineConfig()
+    stages = planned_stages(recipe)
+    keys = stage_keys(recipe, stages)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = recipe.run_dir / "recipe.yaml"
+    dump_config(recipe, recipe_file)
+    started = time.time()
+    rerun_rest = False
+    for stage in stages:
+        folder = recipe.stage_dir(stage)
+        state = stage_state(folder, keys[stage])
+        if state == "done" and not rerun_rest:
+            print(f"rlrec pipeline: {stage}: up to date, skipped", flush=True)
+            continue
+        if state in ("stale", "done"):
+            print(f"rlrec pipeline: {stage}: inputs changed, clearing {folder}", flush=True)
+            shutil.rmtree(folder)
+        elif state == "foreign":
+            aside = folder.with_name(f"{folder.name}.before-pipeline-{time.strftime('%Y%m%d-%H%M%S')}")
+            print(f"rlrec pipeline: {stage}: {folder} was not made by the pipeline; moved to {aside}", flush=True)
+            folder.rename(aside)
+        elif state == "resume":
+            print(f"rlrec pipeline: {stage}: unfinished run with the same inputs, resuming", flush=True)
+        rerun_rest = True
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / KEY_FILE).write_text(keys[stage] + "\n")
+        print(f"rlrec pipeline: {stage}: running", flush=True)
+        stage_started = time.time()
+        if stage in TRAINING_STAGES:
+            _launch(stage, recipe_file, config)
+        else:
+            _run_in_process(stage, recipe)
+        _mark_done(folder, keys[stage], time.time() - stage_started)
+    summary = summary_table(recipe, stages)
+    (recipe.run_dir / "summary.md").write_text(summary, encoding="utf-8")
+    print(f"rlrec pipeline: finished in {time.time() - started:.0f} s; {recipe.run_dir / 'summary.md'}:\n")
+    print(summary)
+    return summary
+
+
+def _test_metrics(folder: Path) -> tuple[dict, dict] | None:
+    """(metrics, protocol) of a stage's test split, from the stage's own metrics.json."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    if "test" in payload and "metrics" in payload["test"]:  # training stages
+        return payload["test"]["metrics"], payload.get("protocol", {})
+    results = payload.get("results", {})  # baseline reports: {"results": {name: {"metrics": ...}}}
+    if payload.get("protocol", {}).get("split") == "test" and len(results) == 1:
+        return next(iter(results.values()))["metrics"], payload.get("protocol", {})
+    return None
+
+
+def summary_table(recipe, stages: list[str]) -> str:
+    rows = []
+    for stage in stages:
+        if stage in ("items", "data", "eval"):
+            continue
+        found = _test_metrics(recipe.stage_dir(stage))
+        if found is None:
+            continue
+        metrics, protocol = found
+        rows.append((stage, metrics, protocol))
+    if not rows:
+        return "(no stage has test metrics)\n"
+    protocol = rows[0][2]
+    lines = [
+        f"Run `{recipe.name}`, test split, protocol: {protocol.get('split_method', '?')}, "
+        f"{protocol.get('candidates', 'full catalogue')} ({protocol.get('num_items', '?')} items).",
+        "",
+        "| stage | HR@10 | NDCG@10 | valid rate |",
+        "|---|---|---|---|",
+    ]
+    for stage, metrics, _ in rows:
+        valid = metrics.get("valid_rate")
+        lines.append(f"| {stage} | {metrics['hr@10']:.4f} | {metrics['ndcg@10']:.4f} | "
+                     f"{'-' if valid is None else f'{valid:.3f}'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

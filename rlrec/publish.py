@@ -1,0 +1,194 @@
+"""`rlrec publish`: a trained stage as a Hugging Face Hub repository, with a model card.
+
+    rlrec publish runs/<name>/<stage> --repo-id user/name [--private] [--dry-run] [--out DIR]
+
+The repo folder holds what `rlrec.load` needs to recommend, and what a reader needs to trust the numbers:
+- the adapter (or full model) and the tokenizer with the identifier tokens, at the root (`peft` / `transformers`
+  load it directly); `base_model/` when the adapter's base was built from scratch (nobody else has its weights);
+- `rlrec/recipe.yaml` (the resolved recipe), `rlrec/catalog.jsonl` (item id, title, identifier), `rlrec/index.json`
+  (the semantic-ID index, when the run built one), `rlrec/metrics.json` and `rlrec/manifest.json` of the stage;
+- `README.md`, the model card: YAML metadata (`base_model`, `library_name`, tags, metrics in model-index form) and
+  a readable card (what it recommends, training stages and rewards, test metrics with their protocol, usage).
+
+`--dry-run` only writes the folder (default `runs/<name>/publish/<stage>/`). Otherwise it is pushed with
+`huggingface_hub` (`create_repo`, `upload_folder`); the token comes from `HF_TOKEN` or the `hf auth login` cache and
+is never written or printed by rlrec.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from rlrec.errors import RlrecError
+from rlrec.models import BASE_MODEL_DIR
+from rlrec.recommender import META_DIR
+
+CARD_METRICS = (("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10"), ("hr@1", "HR@1"),
+                ("valid_rate", "valid rate"), ("coverage@10", "coverage@10"))  # fmt: skip
+
+
+def _stage_files(stage_dir: Path) -> tuple[Path, Path]:
+    model_dir, data_dir = stage_dir / "model", stage_dir.parent / "data"
+    required = {
+        model_dir: "a trained model",
+        stage_dir / "metrics.json": "its metrics",
+        stage_dir / "config.yaml": "its resolved recipe",
+        data_dir / "catalog.jsonl": "the catalogue",
+    }
+    for path, what in required.items():
+        if not path.exists():
+            raise RlrecError(f"{stage_dir}: cannot publish, {path} ({what}) is missing; is this a finished stage?")
+    return model_dir, data_dir
+
+
+def export(stage_dir: str | Path, out: str | Path, repo_id: str) -> Path:
+    """Write the repo folder for `stage_dir` into `out` (replaced if it exists)."""
+    stage_dir, out = Path(stage_dir), Path(out)
+    model_dir, data_dir = _stage_files(stage_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"))
+    base = stage_dir / BASE_MODEL_DIR
+    if (model_dir / "adapter_config.json").is_file() and base.is_dir():
+        shutil.copytree(base, out / BASE_MODEL_DIR)
+    meta = out / META_DIR
+    meta.mkdir()
+    shutil.copy(stage_dir / "config.yaml", meta / "recipe.yaml")
+    shutil.copy(stage_dir / "metrics.json", meta / "metrics.json")
+    shutil.copy(data_dir / "catalog.jsonl", meta / "catalog.jsonl")
+    for source, name in ((stage_dir / "manifest.json", "manifest.json"), (data_dir / "index.json", "index.json")):
+        if source.is_file():
+            shutil.copy(source, meta / name)
+    (out / "README.md").write_text(model_card(stage_dir, out, repo_id), encoding="utf-8")
+    return out
+
+
+def _base_model(out: Path) -> str | None:
+    """The Hub id of the pretrained base (the card's `base_model`); None for a from-scratch model."""
+    adapter = out / "adapter_config.json"
+    if not adapter.is_file() or (out / BASE_MODEL_DIR).is_dir():
+        return None
+    name = json.loads(adapter.read_text())["base_model_name_or_path"]
+    return name if name.count("/") == 1 and not Path(name).exists() else None
+
+
+def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
+    recipe = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    catalog_size = sum(1 for _ in (out / META_DIR / "catalog.jsonl").open())
+    stage, run = stage_dir.name, recipe["name"]
+    protocol = metrics.get("protocol", {})
+    test = (metrics.get("test") or {}).get("metrics", {})
+    adapter = (out / "adapter_config.json").is_file()
+    identifier = recipe["data"]["prompt"]["identifier"]
+    source = recipe["data"]["source"]
+    dataset_name = Path(source.get("path") or source["format"]).name
+    protocol_name = f"{protocol.get('split_method', '?')}, full catalogue of {protocol.get('num_items', '?')} items"
+
+    base = _base_model(out)
+    metadata: dict = {"base_model": base} if base else {}
+    metadata.update(library_name="peft" if adapter else "transformers",
+                    tags=["rlrec", "recommendation", "generative-recommendation", stage,
+                          {"sid": "semantic-ids", "id": "item-ids", "title": "item-titles"}[identifier]],
+                    pipeline_tag="text-generation")  # fmt: skip
+    if test:
+        metadata["model-index"] = [{
+            "name": repo_id.split("/")[-1],
+            "results": [{
+                "task": {"type": "text-generation", "name": "Sequential recommendation (next item)"},
+                "dataset": {"name": dataset_name, "type": source["format"], "split": "test"},
+                "metrics": [{"type": key, "value": test[key], "name": f"{label} ({protocol_name})"}
+                            for key, label in CARD_METRICS if key in test],
+            }],
+        }]  # fmt: skip
+
+    stages = ["SFT (next item" + (", item alignment tasks" if _has_alignment(recipe) else "") + ")"]
+    training = metrics.get("training", {})
+    if stage == "grpo":
+        grpo = recipe["grpo"]
+        rewards = ", ".join(f"{name} x {weight:g}" for name, weight in grpo["rewards"].items())
+        stages.append(f"GRPO ({grpo['rollout']} rollouts, G={grpo['num_generations']}, rewards: {rewards}, "
+                      f"{training.get('global_step', '?')} steps, kept step {training.get('saved_step', '?')} "
+                      "by the validation guard)")  # fmt: skip
+    elif stage == "dpo":
+        stages.append(f"preference optimisation ({recipe['dpo'].get('loss', 'dpo')})")
+    model_text = "full model"
+    if adapter:
+        model_text = "LoRA adapter on " + (base or "a from-scratch base model (in `base_model/`)")
+    if training.get("trainable_parameters"):
+        model_text += f", {training['trainable_parameters']:,} trained parameters"
+    split = recipe["data"]["split"]
+    users = (metrics.get("test") or {}).get("num_users", "?")
+    loader = "`peft`" if adapter else "`transformers`"
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A generative recommender trained with rlrec: given a user's history of items (oldest first), it generates "
+        f"the next item as {_identifier_text(identifier)}. Decoding is constrained to the catalogue, so every "
+        f"recommendation is one of the {catalog_size:,} items in `rlrec/catalog.jsonl`.",
+        "",
+        f"- Data: `{dataset_name}` ({source['format']} format), histories truncated to the last "
+        f"{split.get('max_history')} items, split `{split['method']}`.",
+        f"- Model: {model_text}.",
+        f"- Training stages: {' -> '.join(stages)}.",
+        f"- Run `{run}`, stage `{stage}`; the resolved recipe is `rlrec/recipe.yaml`, inputs and versions in "
+        "`rlrec/manifest.json`.",
+        "",
+        "## Test metrics",
+        "",
+        f"Protocol: {protocol_name} (no sampled negatives), test split, {users} users, the model's constrained "
+        "top-K beam.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {label} | {test[key]:.4f} |" for key, label in CARD_METRICS if key in test),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import rlrec",
+        "",
+        f'recommender = rlrec.load("{repo_id}")  # or a local folder',
+        'recommender.recommend(["<item id>", "<item id>"], k=10)  # [(item id, log-probability), ...], best first',
+        "```",
+        "",
+        f"The model alone loads with {loader}; prompts follow the template in `rlrec/recipe.yaml` (`data.prompt`), "
+        "and items map to identifiers in `rlrec/catalog.jsonl`.",
+    ]
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
+
+
+def _has_alignment(recipe: dict) -> bool:
+    tasks = (recipe.get("sft") or {}).get("tasks") or {}
+    return bool(tasks.get("title_to_sid") or tasks.get("sid_to_title"))
+
+
+def _identifier_text(identifier: str) -> str:
+    return {"sid": "a semantic ID (a short sequence of code tokens built from the item text)",
+            "id": "its item id", "title": "its title"}[identifier]  # fmt: skip
+
+
+def publish(stage_dir: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
+            out: str | Path | None = None) -> Path:  # fmt: skip
+    """Export the folder, then (unless `dry_run`) create the repo and upload it; return the folder."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise RlrecError(f"--repo-id must look like user/name, got {repo_id!r}")
+    stage_dir = Path(stage_dir)
+    folder = export(stage_dir, out or stage_dir.parent / "publish" / stage_dir.name, repo_id)
+    if dry_run:
+        return folder
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()  # token: HF_TOKEN, or the login cache; never passed through rlrec's arguments or files
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"rlrec: {stage_dir}")
+    except HfHubHTTPError as err:
+        raise RlrecError(f"Hub upload of {folder} to {repo_id} failed: {err}") from None
+    print(f"pushed {folder} to {url}")
+    return folder

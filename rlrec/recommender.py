@@ -1,0 +1,83 @@
+"""A trained stage as a recommender object: `rlrec.load(path_or_repo_id).recommend(history, k)`.
+
+Reads the folder `rlrec publish` writes (locally with `--dry-run`, or from the Hub): the model or adapter with its
+tokenizer at the root, `base_model/` when the adapter was trained on a from-scratch base, and `rlrec/` with the
+resolved recipe, the catalogue and the stage's metrics. Recommendations come from the same trie-constrained beam
+search and the same prompt rendering as evaluation, so scoring `recommend_batch` on the run's test rows reproduces
+the stage's `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlrec.errors import RlrecError
+
+META_DIR = "rlrec"  # the kit's files inside a published folder
+
+
+@dataclass
+class Recommender:
+    model: object
+    tokenizer: object
+    catalog: list[dict]  # {"item_id", "title", "identifier", "attributes"} in catalogue order
+    recipe: dict  # the resolved recipe the stage was trained with
+    metrics: dict  # the stage's metrics.json
+
+    def __post_init__(self) -> None:
+        from rlrec.data.config import PromptConfig
+        from rlrec.decoding import ItemTrie
+        from rlrec.evaluate import EvalConfig
+
+        data = self.recipe.get("data") or {}
+        self.prompt = PromptConfig(**(data.get("prompt") or {}))
+        self.max_history = (data.get("split") or {}).get("max_history")
+        self.eval = EvalConfig(**(self.recipe.get("eval") or {}))
+        self.identifiers = {item["item_id"]: item["identifier"] for item in self.catalog}
+        self.titles = {item["item_id"]: item["title"] for item in self.catalog}
+        self.trie = ItemTrie.build(self.tokenizer, self.identifiers)
+
+    def recommend(self, history: Sequence[str], k: int = 10) -> list[tuple[str, float]]:
+        """Top-k (item id, log-probability) for one history of item ids, oldest first."""
+        return self.recommend_batch([history], k)[0]
+
+    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+        """Top-k per history, batched as in evaluation (the recipe's eval batch size, beam width and history
+        exclusion), so the run's test rows give the stage's test metrics."""
+        from rlrec.decoding import recommend
+        from rlrec.prompts import prompt_messages
+
+        unknown = sorted({item for history in histories for item in history if item not in self.identifiers})
+        if unknown:
+            raise RlrecError(f"{len(unknown)} history item id(s) not in the catalogue, e.g. {unknown[:5]}")
+        histories = [list(h)[-self.max_history :] if self.max_history else list(h) for h in histories]
+        prompts = [prompt_messages(h, self.identifiers, self.prompt) for h in histories]
+        return recommend(self.model, self.tokenizer, prompts, k=k, trie=self.trie,
+                         beam_width=max(self.eval.beam_width or k, k), batch_size=self.eval.batch_size,
+                         exclude=histories if self.eval.exclude_history else None)  # fmt: skip
+
+
+def load(path_or_repo_id: str | Path, device: str | None = None, revision: str | None = None) -> Recommender:
+    """Load a published folder, or download one from the Hub by repo id (token from the environment or login)."""
+    import yaml
+
+    from rlrec.models import load_model
+
+    path = Path(path_or_repo_id)
+    if not path.exists():
+        if str(path_or_repo_id).count("/") != 1:
+            raise RlrecError(f"{path_or_repo_id}: neither a local folder nor a Hub repo id (user/name)")
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(path_or_repo_id), revision=revision))
+    meta = path / META_DIR
+    if not (meta / "catalog.jsonl").is_file():
+        raise RlrecError(f"{path}: not a published rlrec folder (no {META_DIR}/catalog.jsonl); see `rlrec publish`")
+    model, tokenizer = load_model(path, device=device)
+    catalog = [json.loads(line) for line in (meta / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+    recipe = yaml.safe_load((meta / "recipe.yaml").read_text(encoding="utf-8"))
+    metrics = json.loads((meta / "metrics.json").read_text(encoding="utf-8"))
+    return Recommender(model, tokenizer, catalog, recipe, metrics)

@@ -1,0 +1,143 @@
+"""`rlrec publish` and `rlrec.load`: a LoRA stage on a from-scratch base is exported (dry run), loaded back, and
+reproduces the stage's test metrics; the push goes to a recording Hub server on 127.0.0.1 (`HF_ENDPOINT`), which
+must receive every file of the folder and the token from the environment, and the token is written nowhere."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+import rlrec
+from rlrec.config import from_dict
+from rlrec.data.prepare import prepare
+from rlrec.evaluate import load_run_data, score_lists
+from rlrec.recipe import Recipe
+from rlrec.stages.sft import run as run_sft
+from tests.conftest import REPO
+from tests.test_pipeline import tiny_pipeline
+
+TOKEN = "hf_rlrecTestToken0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def lora_stage(tmp_path_factory):
+    """A LoRA SFT stage on a from-scratch base (so the export must carry base_model/), with test metrics, on a
+    small synthetic run."""
+    out = tmp_path_factory.mktemp("publish_run")
+    raw = tiny_pipeline(out)
+    raw["sft"].update(finetune="lora", lora={"r": 4, "alpha": 8})
+    raw["sft"]["train"].update(max_steps=30, learning_rate=0.02)
+    recipe = from_dict(Recipe, raw)
+    prepare(recipe)
+    run_sft(recipe)
+    return recipe.stage_dir("sft")
+
+
+def publish_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "rlrec.cli", "publish", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_dry_run_folder_loads_back_and_reproduces_the_metrics(lora_stage, tmp_path):
+    folder = tmp_path / "published"
+    publish_cli(str(lora_stage), "--repo-id", "someone/tiny-rec", "--dry-run", "--out", str(folder))
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+            "base_model/model.safetensors", "rlrec/recipe.yaml", "rlrec/catalog.jsonl", "rlrec/metrics.json",
+            "rlrec/manifest.json"} <= files  # fmt: skip
+
+    card = (folder / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["library_name"] == "peft" and "base_model" not in metadata  # from scratch: no Hub base
+    metrics = json.loads((lora_stage / "metrics.json").read_text())["test"]
+    reported = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert reported["ndcg@10"] == metrics["metrics"]["ndcg@10"] and reported["hr@10"] == metrics["metrics"]["hr@10"]
+    assert "leave_one_out, full catalogue of 40 items" in card and 'rlrec.load("someone/tiny-rec")' in card
+
+    recommender = rlrec.load(folder)
+    data = load_run_data(lora_stage.parent / "data")
+    rows = data.rows("test", metrics["num_users"])
+    lists = recommender.recommend_batch(rows["history"], k=max(recommender.eval.ks))
+    assert all(item in recommender.identifiers for ranked in lists for item, _ in ranked)
+    scored = score_lists([[item for item, _ in ranked] for ranked in lists], rows["target"], data, recommender.eval.ks)
+    assert scored == metrics["metrics"]
+    single = recommender.recommend(rows["history"][0], k=max(recommender.eval.ks))  # same beam, batch of one
+    assert [item for item, _ in single] == [item for item, _ in lists[0]]
+    with pytest.raises(rlrec.errors.RlrecError, match="not in the catalogue"):
+        recommender.recommend(["no-such-item"], k=5)
+
+
+class RecordingHub(BaseHTTPRequestHandler):
+    """Just enough of the Hub API for create_repo + upload_folder; records what arrives."""
+
+    calls: list = []
+
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+    def _reply(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": raw})
+        if self.path == "/api/repos/create":
+            request = json.loads(raw)
+            self._reply({"url": f"http://{self.headers['Host']}/{request['organization']}/{request['name']}"})
+        elif self.path == "/api/validate-yaml":
+            self._reply({})
+        elif "/preupload/" in self.path:
+            files = json.loads(raw)["files"]
+            self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        elif "/commit/" in self.path:
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            self._reply({"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40})
+        else:
+            self.send_error(404)
+
+
+def test_push_to_a_recording_hub_sends_every_file_and_writes_no_token(lora_stage, tmp_path):
+    RecordingHub.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": TOKEN,
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
+        env.pop("HF_HUB_OFFLINE", None)
+        folder = tmp_path / "pushed"
+        result = publish_cli(str(lora_stage), "--repo-id", "someone/tiny-rec", "--private", "--out", str(folder),
+                             env=env)  # fmt: skip
+    finally:
+        server.shutdown()
+    paths = [call["path"] for call in RecordingHub.calls]
+    create = next(call for call in RecordingHub.calls if call["path"] == "/api/repos/create")
+    assert json.loads(create["body"]) | {"organization": "someone", "name": "tiny-rec", "visibility": "private"} == (
+        json.loads(create["body"])
+    )
+    commit = next(call for call in RecordingHub.calls if "/api/models/someone/tiny-rec/commit/main" in call["path"])
+    lines = [json.loads(line) for line in commit["body"].splitlines() if line.strip()]
+    files = [line["value"] for line in lines if line["key"] == "file"]
+    sent = {file["path"]: base64.b64decode(file["content"]) for file in files}
+    on_disk = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert sent == on_disk, sorted(set(sent) ^ set(on_disk))
+    assert all(call["auth"] == f"Bearer {TOKEN}" for call in RecordingHub.calls), paths
+
+    # The token reached the server from the environment, and nowhere else: not in output, not in any file written.
+    assert TOKEN not in result.stdout + result.stderr
+    written = [p for p in lora_stage.parent.rglob("*") if p.is_file()] + [p for p in folder.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
