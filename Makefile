@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/rlrec data prepare --config recipes/quickstart/data.yaml
+	$(BIN)/rlrec pipeline --config recipes/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

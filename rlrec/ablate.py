@@ -1,18 +1,23 @@
 """Reward ablations: run the GRPO stage once per (reward set, seed) from the same SFT model, and tabulate.
 
-    rlrec ablate --config recipes/<dataset>/grpo_<x>.yaml --grid rewards/ablations/<grid>.yaml [--jobs 2]
+    rlrec ablate --config rewards/ablations/<grid>.yaml [--jobs 2]            # the grid names its recipe
+    rlrec ablate --config recipes/<dataset>/grpo_<x>.yaml --grid rewards/ablations/<grid>.yaml
+
+When the recipe's SFT model does not exist yet, the pipeline runs the stages up to SFT first (`rlrec pipeline`).
 
 Every cell is a full `rlrec grpo` run in its own process (its own folder under
 `runs/<name>/ablations/<grid>/cells/<set>-s<seed>/`, with the run's `data` and `sft` linked in, never copied or
 retrained), so cells are independent and a crashed cell does not take the others down. A cell whose
 `grpo/metrics.json` exists is not rerun. The table reports test metrics as mean and sample standard deviation over
-seeds, next to the SFT model the cells start from, under one protocol (the run's split, full catalogue).
-Outputs: `results.json` (every cell's metrics and guard curve), `table.md`, and `curves.png` when matplotlib is
-installed (the `plot` extra).
+seeds, next to the SFT model the cells start from, and each set's difference to the grid's `reference` set, under
+one protocol (the run's split, full catalogue). Outputs: `results.json` (every cell's metrics, guard curve and reward
+curve), `results.csv` and `table.md` (one row per reward set), and `ablation.png` when matplotlib is installed (the
+`plot` extra): the test metric per reward set with error bars, the training reward and the guard's NDCG@10 per step.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
@@ -35,12 +40,16 @@ METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "coverage@10")
 class AblationGrid:
     reward_sets: dict[str, dict[str, float]]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    recipe: str | None = None  # the GRPO recipe the cells vary (needed unless given with --config/--grid)
+    reference: str | None = None  # differences are reported against this set (default: the first)
     overrides: dict = field(default_factory=dict)  # nested recipe keys applied to every cell (e.g. grpo.train)
     reward_params: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.reward_sets or not self.seeds:
             raise ConfigError("an ablation grid needs reward_sets and seeds")
+        if self.reference is not None and self.reference not in self.reward_sets:
+            raise ConfigError(f"reference {self.reference!r} is not one of the reward sets {list(self.reward_sets)}")
         for name in self.reward_sets:
             if not name or "/" in name or " " in name:
                 raise ConfigError(f"reward set name {name!r}: use a plain name like hit+ndcg")
@@ -70,21 +79,47 @@ def summarise(values: list[float]) -> dict:
             "values": values}  # fmt: skip
 
 
-def table(base_metrics: dict, results: dict, seeds: list[int]) -> str:
+def reference_set(grid: AblationGrid) -> str:
+    return grid.reference or next(iter(grid.reward_sets))
+
+
+def table(base_metrics: dict, results: dict, seeds: list[int], reference: str) -> str:
     metrics = [m for m in METRICS if m in base_metrics]
-    head = "| model | " + " | ".join(m.upper().replace("COVERAGE", "Coverage") for m in metrics) + " | steps kept |"
-    lines = [head, "|" + "---|" * (len(metrics) + 2)]
-    lines.append("| SFT (start) | " + " | ".join(f"{base_metrics[m]:.4f}" for m in metrics) + " | - |")
+    head = ("| model | " + " | ".join(m.upper().replace("COVERAGE", "Coverage") for m in metrics)
+            + f" | NDCG@10 - {reference} | steps kept |")  # fmt: skip
+    lines = [head, "|" + "---|" * (len(metrics) + 3)]
+    lines.append("| SFT (start) | " + " | ".join(f"{base_metrics[m]:.4f}" for m in metrics) + " | - | - |")
     for name, cell in results.items():
         stats = cell["summary"]
         kept = ", ".join(str(s) for s in cell["saved_steps"])
+        diff = "reference" if name == reference else f"{cell['diff_vs_reference']['ndcg@10']:+.4f}"
         lines.append(f"| GRPO {name} ({len(seeds)} seeds) | "
                      + " | ".join(f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" for m in metrics)
-                     + f" | {kept} |")  # fmt: skip
+                     + f" | {diff} | {kept} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, out: Path) -> bool:
+def write_csv(path: Path, base_metrics: dict, results: dict, reference: str) -> None:
+    """One row per reward set (and the SFT start): mean and sample std over seeds, difference to the reference."""
+    metrics = [m for m in METRICS if m in base_metrics]
+    header = ["model", "rewards", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    header += [f"{m}_diff_vs_{reference}" for m in ("ndcg@10", "hr@10")]
+    rows = [["sft", "", 1] + [v for m in metrics for v in (base_metrics[m], "")] + ["", ""]]
+    for name, cell in results.items():
+        rewards = ";".join(f"{k}:{v:g}" for k, v in cell["rewards"].items())
+        stats = cell["summary"]
+        rows.append([name, rewards, len(cell["runs"])]
+                    + [round(v, 6) for m in metrics for v in (stats[m]["mean"], stats[m]["std"])]
+                    + [round(cell["diff_vs_reference"][m], 6) for m in ("ndcg@10", "hr@10")])  # fmt: skip
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def plot(base_metrics: dict, results: dict, out: Path) -> bool:
+    """Three panels: test NDCG@10 per reward set (mean, error bar = std over seeds, SFT dashed), the mean training
+    reward per step, and the guard's held-out NDCG@10 per step (one line per seed)."""
     try:
         import matplotlib
 
@@ -92,24 +127,52 @@ def plot(results: dict, out: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, cell in results.items():
-        for i, run in enumerate(cell["runs"]):
-            steps = [g["step"] for g in run["guard"]]
-            ax.plot(steps, [g["ndcg@10"] for g in run["guard"]], color=f"C{list(results).index(name)}", alpha=0.7,
-                    label=name if i == 0 else None)  # fmt: skip
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("guard NDCG@10 (held-out valid users)")
-    ax.legend()
+    names = list(results)
+    fig, (bars, rewards, guard) = plt.subplots(1, 3, figsize=(15, 4.2))
+    means = [results[n]["summary"]["ndcg@10"]["mean"] for n in names]
+    stds = [results[n]["summary"]["ndcg@10"]["std"] for n in names]
+    bars.errorbar(range(len(names)), means, yerr=stds, fmt="o", capsize=5, color="C0")
+    bars.axhline(base_metrics["ndcg@10"], color="grey", linestyle="--", label="SFT start")
+    bars.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    bars.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    bars.legend()
+    for i, name in enumerate(names):
+        for j, run in enumerate(results[name]["runs"]):
+            label = name if j == 0 else None
+            if run["reward_curve"]:
+                steps, values = zip(*run["reward_curve"], strict=True)
+                rewards.plot(steps, values, color=f"C{i}", alpha=0.7, label=label)
+            guard.plot([g["step"] for g in run["guard"]], [g["ndcg@10"] for g in run["guard"]], color=f"C{i}",
+                       alpha=0.7, label=label)  # fmt: skip
+    rewards.set_xlabel("GRPO step")
+    rewards.set_ylabel("mean total reward of the step's rollouts")
+    guard.set_xlabel("GRPO step")
+    guard.set_ylabel("guard NDCG@10 (held-out valid users)")
+    rewards.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return True
 
 
-def run_ablation(config_path: str, grid_path: str, jobs: int = 1, overrides: list[str] | None = None) -> dict:
+def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
+                 overrides: list[str] | None = None) -> dict:  # fmt: skip
+    """`grid_path` None: `config_path` is the grid and names its recipe; else `config_path` is the recipe."""
+    if grid_path is None:
+        grid_path = config_path
+        grid = load_config(AblationGrid, grid_path)
+        if grid.recipe is None:
+            raise ConfigError(f"{grid_path}: name the GRPO recipe (recipe: recipes/...yaml) or pass --grid")
+        config_path = grid.recipe
+    else:
+        grid = load_config(AblationGrid, grid_path)
     base = load_config(Recipe, config_path, overrides or [])
     base.section("grpo")
-    grid = load_config(AblationGrid, grid_path)
+    if not (base.stage_dir("sft") / "model").is_dir():
+        from rlrec.pipeline import run_pipeline
+
+        print(f"rlrec ablate: no SFT model in {base.stage_dir('sft')}; running the pipeline up to SFT", flush=True)
+        run_pipeline(base, until="sft")
     out = base.run_dir / "ablations" / Path(grid_path).stem
     cells = out / "cells"
     pending, running = [], []
@@ -143,6 +206,14 @@ def run_ablation(config_path: str, grid_path: str, jobs: int = 1, overrides: lis
     return collect(base, grid, out)
 
 
+def reward_curve(log_path: Path) -> list[tuple[int, float]]:
+    """(step, mean total reward) from a GRPO train_log.jsonl (TRL logs `reward` every `logging_steps`)."""
+    if not log_path.is_file():
+        return []
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return [(row["step"], row["reward"]) for row in rows if "reward" in row and "step" in row]
+
+
 def _write(path: Path, raw: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -156,21 +227,29 @@ def collect(base: Recipe, grid: AblationGrid, out: Path) -> dict:
     for reward_set in grid.reward_sets:
         runs = []
         for seed in grid.seeds:
-            metrics = json.loads((out / "cells" / f"{reward_set}-s{seed}" / "grpo" / "metrics.json").read_text())
+            cell_dir = out / "cells" / f"{reward_set}-s{seed}"
+            metrics = json.loads((cell_dir / "grpo" / "metrics.json").read_text())
             runs.append({"seed": seed, "metrics": metrics[split]["metrics"], "guard": metrics["training"]["guard"],
                          "saved_step": metrics["training"]["saved_step"],
-                         "global_step": metrics["training"]["global_step"]})  # fmt: skip
+                         "global_step": metrics["training"]["global_step"],
+                         "reward_curve": reward_curve(cell_dir / "grpo" / "train_log.jsonl")})  # fmt: skip
         results[reward_set] = {
             "rewards": grid.reward_sets[reward_set], "runs": runs,
             "saved_steps": [r["saved_step"] for r in runs],
             "summary": {m: summarise([r["metrics"][m] for r in runs]) for m in METRICS if m in runs[0]["metrics"]},
         }  # fmt: skip
-    report = {"protocol": sft["protocol"], "split": split, "sft": sft[split]["metrics"], "results": results}
+    reference = reference_set(grid)
+    for cell in results.values():
+        cell["diff_vs_reference"] = {m: cell["summary"][m]["mean"] - results[reference]["summary"][m]["mean"]
+                                     for m in cell["summary"]}  # fmt: skip
+    report = {"protocol": sft["protocol"], "split": split, "sft": sft[split]["metrics"], "reference": reference,
+              "results": results}  # fmt: skip
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    text = table(sft[split]["metrics"], results, grid.seeds)
+    write_csv(out / "results.csv", sft[split]["metrics"], results, reference)
+    text = table(sft[split]["metrics"], results, grid.seeds, reference)
     (out / "table.md").write_text(f"Test split, {sft['protocol']['split_method']}, full catalogue "
                                   f"({sft['protocol']['num_items']} items).\n\n{text}")  # fmt: skip
-    plot(results, out / "curves.png")
+    plot(sft[split]["metrics"], results, out / "ablation.png")
     dump_config(base, out / "base_config.yaml")
     print(text)
     return report

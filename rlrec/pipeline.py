@@ -148,10 +148,13 @@ def _run_in_process(stage: str, recipe) -> None:
         run_eval(recipe)
 
 
-def run_pipeline(recipe) -> str:
-    """Run (or skip, or resume) every planned stage; return the summary table (also in runs/<name>/summary.md)."""
+def run_pipeline(recipe, until: str | None = None) -> str:
+    """Run (or skip, or resume) every planned stage (up to `until`, inclusive); return the summary table (also in
+    runs/<name>/summary.md)."""
     config = recipe.pipeline or PipelineConfig()
     stages = planned_stages(recipe)
+    if until is not None:
+        stages = [s for s in stages if ORDER.index(s) <= ORDER.index(until)]
     keys = stage_keys(recipe, stages)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     recipe_file = recipe.run_dir / "recipe.yaml"

@@ -133,25 +133,42 @@ def test_grpo_two_cpu_processes(shared_data, sft_run, tmp_path):
 
 
 def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
+    import csv
+
     from rlrec.ablate import run_ablation
 
     raw = grpo_recipe(shared_data, sft_run, tmp_path)
     raw["grpo"]["train"]["max_steps"] = 2
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(raw))
-    grid = tmp_path / "tiny_grid.yaml"
-    grid.write_text(yaml.safe_dump({"seeds": [0, 1], "reward_sets": {"hit+ndcg": {"hit": 1.0, "ndcg": 1.0}}}))
-    report = run_ablation(str(config), str(grid), jobs=2)
-    assert set(report["results"]) == {"hit+ndcg"}
+    grid = tmp_path / "tiny_grid.yaml"  # the grid names its recipe: `rlrec ablate --config <grid>`
+    grid.write_text(yaml.safe_dump({"recipe": str(config), "seeds": [0, 1], "reference": "hit",
+                                    "reward_sets": {"hit+ndcg": {"hit": 1.0, "ndcg": 1.0}, "hit": {"hit": 1.0}}},
+                                   sort_keys=False))  # fmt: skip
+    report = run_ablation(str(grid), jobs=2)
+    assert list(report["results"]) == ["hit+ndcg", "hit"] and report["reference"] == "hit"
     for cell in report["results"].values():
         assert [r["seed"] for r in cell["runs"]] == [0, 1] and all(r["global_step"] == 2 for r in cell["runs"])
         assert cell["summary"]["ndcg@10"]["mean"] == pytest.approx(
             sum(r["metrics"]["ndcg@10"] for r in cell["runs"]) / 2)  # fmt: skip
+        assert all(r["reward_curve"] and r["reward_curve"][-1][0] == 2 for r in cell["runs"])
+    results = report["results"]
+    diff = results["hit+ndcg"]["summary"]["ndcg@10"]["mean"] - results["hit"]["summary"]["ndcg@10"]["mean"]
+    assert results["hit+ndcg"]["diff_vs_reference"]["ndcg@10"] == pytest.approx(diff)
     out = tmp_path / "tiny" / "ablations" / "tiny_grid"
+
     table = (out / "table.md").read_text()
-    assert "| SFT (start) |" in table and "| GRPO hit+ndcg (2 seeds) |" in table
+    assert "| SFT (start) |" in table and "| GRPO hit+ndcg (2 seeds) |" in table and "NDCG@10 - hit" in table
+    assert f"{diff:+.4f}" in table and "| reference |" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["model"] for r in rows] == ["sft", "hit+ndcg", "hit"]
+    assert float(rows[1]["ndcg@10_mean"]) == pytest.approx(results["hit+ndcg"]["summary"]["ndcg@10"]["mean"], abs=1e-6)
+    assert float(rows[1]["ndcg@10_diff_vs_hit"]) == pytest.approx(diff, abs=1e-6) and rows[1]["seeds"] == "2"
+    assert rows[1]["rewards"] == "hit:1;ndcg:1" and float(rows[2]["ndcg@10_diff_vs_hit"]) == 0.0
+    png = (out / "ablation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out / "cells" / "hit+ndcg-s1" / "sft").is_symlink()
-    # a rerun finds every cell done and only re-tabulates
+    # a rerun finds every cell done and only re-tabulates; the recipe + grid form gives the same table
     assert run_ablation(str(config), str(grid), jobs=2)["results"].keys() == report["results"].keys()
 
 

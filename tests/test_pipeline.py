@@ -113,3 +113,15 @@ def test_pipeline_resumes_after_sigkill_skips_finished_stages_and_reruns_changed
     assert training["resumed_from"] is None and training["global_step"] == 40 and training["steps_run"] == 40
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["sft"]["train"]["max_steps"] == 40
+
+
+def test_every_shipped_recipe_parses_and_plans():
+    from rlrec.config import load_config
+
+    paths = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert REPO / "recipes" / "quickstart.yaml" in paths
+    for path in paths:
+        recipe = load_config(Recipe, path)
+        assert planned_stages(recipe)[0] in ("items", "data"), path
+    demo = load_config(Recipe, REPO / "recipes" / "quickstart.yaml")
+    assert planned_stages(demo) == ["items", "data", "most_popular", "sft", "grpo", "eval"]
