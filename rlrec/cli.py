@@ -155,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         cmd.add_argument("--config", required=True, help="recipe YAML")
         if words == ("ablate",):
-            cmd.add_argument(
-                "--grid", help="grid YAML when --config is a recipe (else --config is the grid)"
-            )
+            cmd.add_argument("--grid", help="grid YAML when --config is a recipe (else --config is the grid)")
             cmd.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
         cmd.set_defaults(words=words)
     return parser

@@ -224,11 +224,14 @@ def summary_table(recipe, stages: list[str]) -> str:
         f"Run `{recipe.name}`, test split, protocol: {protocol.get('split_method', '?')}, "
         f"{protocol.get('candidates', 'full catalogue')} ({protocol.get('num_items', '?')} items).",
         "",
-        "| stage | HR@10 | NDCG@10 | valid rate |",
-        "|---|---|---|---|",
+        "| stage | HR@10 | NDCG@10 | valid rate | wall time |",
+        "|---|---|---|---|---|",
     ]
     for stage, metrics, _ in rows:
         valid = metrics.get("valid_rate")
-        lines.append(f"| {stage} | {metrics['hr@10']:.4f} | {metrics['ndcg@10']:.4f} | "
-                     f"{'-' if valid is None else f'{valid:.3f}'} |")  # fmt: skip
+        manifest = recipe.stage_dir(stage) / "manifest.json"
+        seconds = json.loads(manifest.read_text()).get("pipeline_wall_time_s") if manifest.is_file() else None
+        valid_text = "-" if valid is None else f"{valid:.3f}"
+        wall_text = "-" if seconds is None else f"{seconds:.0f} s"
+        lines.append(f"| {stage} | {metrics['hr@10']:.4f} | {metrics['ndcg@10']:.4f} | {valid_text} | {wall_text} |")
     return "\n".join(lines) + "\n"
