@@ -182,13 +182,13 @@ def publish(stage_dir: str | Path, repo_id: str, private: bool = False, dry_run:
     if dry_run:
         return folder
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()  # token: HF_TOKEN, or the login cache; never passed through rlrec's arguments or files
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"rlrec: {stage_dir}")
-    except HfHubHTTPError as err:
-        raise RlrecError(f"Hub upload of {folder} to {repo_id} failed: {err}") from None
+    except Exception as err:  # HTTP status, connection, offline mode: one clear line, the folder is kept
+        raise RlrecError(f"Hub upload of {folder} to {repo_id} failed ({type(err).__name__}: {err}); the folder "
+                         "is ready, rerun when the Hub is reachable") from None  # fmt: skip
     print(f"pushed {folder} to {url}")
     return folder
