@@ -35,7 +35,7 @@ def tiny_recipe(shared_data, out, name="tiny", **sft) -> dict:
             "model": {"hidden_size": 32, "layers": 1, "heads": 2},
             "train": {"max_steps": 4, "batch_size": 4, "logging_steps": 1, "save_steps": 2, "report_to": [],
                       "learning_rate": 0.01},
-            "max_length": 128, "eval_splits": ["test"], "eval_max_users": 8, **sft,
+            "max_length": 128, "eval_splits": ["test"], "eval_max_users": 8, "max_train_rows": 512, **sft,
         },
         "eval": {"ks": [1, 5, 10], "batch_size": 8},
     }  # fmt: skip

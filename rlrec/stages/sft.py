@@ -69,6 +69,7 @@ class SFTStageConfig:
     max_length: int = 1024
     eval_splits: list[Literal["valid", "test"]] = field(default_factory=lambda: ["valid", "test"])
     eval_max_users: int | None = None  # evaluate the first N users of each split (None: all)
+    max_train_rows: int | None = None  # train on the first N rows of the shuffled mix (quick checks; None: all)
 
     def resolved_finetune(self) -> str:
         if self.finetune == "auto":
@@ -127,6 +128,8 @@ def train_sft(recipe: Recipe):
     weights = {"next_item": config.tasks.next_item, "title_to_sid": config.tasks.title_to_sid,
                "sid_to_title": config.tasks.sid_to_title}  # fmt: skip
     train_dataset = mix_tasks(data.dataset["train"], catalog, weights, recipe.seed)
+    if config.max_train_rows is not None and config.max_train_rows < len(train_dataset):
+        train_dataset = train_dataset.select(range(config.max_train_rows))  # already shuffled by mix_tasks
     args = SFTConfig(**training_arguments(config.train, out, recipe.seed), max_length=config.max_length,
                      completion_only_loss=True, packing=False)  # fmt: skip
     try:
