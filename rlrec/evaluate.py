@@ -76,12 +76,17 @@ def train_popularity(train: Dataset) -> Counter:
     return counts
 
 
+def read_catalog(path: str | Path) -> list[dict]:
+    """`catalog.jsonl`: one {"item_id", "title", "identifier", "attributes"} per line, in catalogue order."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
 def load_run_data(data_dir: str | Path) -> RunData:
     data_dir = Path(data_dir)
     if not (data_dir / "dataset").is_dir():
         raise RlrecError(f"{data_dir}: no prepared data; run `rlrec data prepare` first")
     dataset = load_from_disk(str(data_dir / "dataset"))
-    catalog = [json.loads(line) for line in (data_dir / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+    catalog = read_catalog(data_dir / "catalog.jsonl")
     stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
     popularity = train_popularity(dataset["train"]) if "train" in dataset else Counter()
     return RunData(data_dir, dataset, [c["item_id"] for c in catalog],

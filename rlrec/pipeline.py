@@ -160,14 +160,13 @@ def run_pipeline(recipe, until: str | None = None) -> str:
     recipe_file = recipe.run_dir / "recipe.yaml"
     dump_config(recipe, recipe_file)
     started = time.time()
-    rerun_rest = False
-    for stage in stages:
+    for stage in stages:  # keys are chained: once a stage re-runs, every later key differs too
         folder = recipe.stage_dir(stage)
         state = stage_state(folder, keys[stage])
-        if state == "done" and not rerun_rest:
+        if state == "done":
             print(f"rlrec pipeline: {stage}: up to date, skipped", flush=True)
             continue
-        if state in ("stale", "done"):
+        if state == "stale":
             print(f"rlrec pipeline: {stage}: inputs changed, clearing {folder}", flush=True)
             shutil.rmtree(folder)
         elif state == "foreign":
@@ -176,7 +175,6 @@ def run_pipeline(recipe, until: str | None = None) -> str:
             folder.rename(aside)
         elif state == "resume":
             print(f"rlrec pipeline: {stage}: unfinished run with the same inputs, resuming", flush=True)
-        rerun_rest = True
         folder.mkdir(parents=True, exist_ok=True)
         (folder / KEY_FILE).write_text(keys[stage] + "\n")
         print(f"rlrec pipeline: {stage}: running", flush=True)

@@ -64,6 +64,7 @@ def load(path_or_repo_id: str | Path, device: str | None = None, revision: str |
     """Load a published folder, or download one from the Hub by repo id (token from the environment or login)."""
     import yaml
 
+    from rlrec.evaluate import read_catalog
     from rlrec.models import load_model
 
     path = Path(path_or_repo_id)
@@ -77,7 +78,7 @@ def load(path_or_repo_id: str | Path, device: str | None = None, revision: str |
     if not (meta / "catalog.jsonl").is_file():
         raise RlrecError(f"{path}: not a published rlrec folder (no {META_DIR}/catalog.jsonl); see `rlrec publish`")
     model, tokenizer = load_model(path, device=device)
-    catalog = [json.loads(line) for line in (meta / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+    catalog = read_catalog(meta / "catalog.jsonl")
     recipe = yaml.safe_load((meta / "recipe.yaml").read_text(encoding="utf-8"))
     metrics = json.loads((meta / "metrics.json").read_text(encoding="utf-8"))
     return Recommender(model, tokenizer, catalog, recipe, metrics)
