@@ -1,18 +1,22 @@
-"""Reward ablations: run the GRPO stage once per (reward set, seed) from the same SFT model, and tabulate.
+"""Ablations: run a post-training stage once per (variant, seed) from the same SFT model, and tabulate.
 
     rlrec ablate --config rewards/ablations/<grid>.yaml [--jobs 2]            # the grid names its recipe
     rlrec ablate --config recipes/<dataset>/grpo_<x>.yaml --grid rewards/ablations/<grid>.yaml
 
+A grid varies either GRPO's rewards (`reward_sets`: name -> {reward: weight}) or whole stages (`variants`: name ->
+{stage: grpo | dpo, overrides: {...recipe keys...}}), e.g. GRPO against DPO against S-DPO from one SFT model.
+
 When the recipe's SFT model does not exist yet, the pipeline runs the stages up to SFT first (`rlrec pipeline`).
 
-Every cell is a full `rlrec grpo` run in its own process (its own folder under
+Every cell is a full `rlrec grpo` / `rlrec dpo` run in its own process (its own folder under
 `runs/<name>/ablations/<grid>/cells/<set>-s<seed>/`, with the run's `data` and `sft` linked in, never copied or
 retrained), so cells are independent and a crashed cell does not take the others down. A cell whose
-`grpo/metrics.json` exists is not rerun. The table reports test metrics as mean and sample standard deviation over
-seeds, next to the SFT model the cells start from, and each set's difference to the grid's `reference` set, under
-one protocol (the run's split, full catalogue). Outputs: `results.json` (every cell's metrics, guard curve and reward
-curve), `results.csv` and `table.md` (one row per reward set), and `ablation.png` when matplotlib is installed (the
-`plot` extra): the test metric per reward set with error bars, the training reward and the guard's NDCG@10 per step.
+`<stage>/metrics.json` exists is not rerun. The table reports test metrics as mean and sample standard deviation
+over seeds, next to the SFT model the cells start from, and each variant's difference to the grid's `reference`,
+under one protocol (the run's split, full catalogue). Outputs: `results.json` (every cell's metrics, guard curve and
+reward curve), `results.csv` and `table.md` (one row per variant), and `ablation.png` when matplotlib is installed
+(the `plot` extra): the test metric per variant with error bars, the GRPO training reward and the guard's NDCG@10
+per step.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -37,29 +42,49 @@ METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "coverage@10")
 
 
 @dataclass
+class Variant:
+    stage: Literal["grpo", "dpo"] = "grpo"
+    overrides: dict = field(default_factory=dict)  # nested recipe keys for this variant (e.g. dpo: {loss: sdpo})
+
+
+@dataclass
 class AblationGrid:
-    reward_sets: dict[str, dict[str, float]]
+    reward_sets: dict[str, dict[str, float]] = field(default_factory=dict)  # GRPO variants differing in rewards
+    variants: dict[str, Variant] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    recipe: str | None = None  # the GRPO recipe the cells vary (needed unless given with --config/--grid)
-    reference: str | None = None  # differences are reported against this set (default: the first)
+    recipe: str | None = None  # the recipe the cells vary (needed unless given with --config/--grid)
+    reference: str | None = None  # differences are reported against this variant (default: the first)
     overrides: dict = field(default_factory=dict)  # nested recipe keys applied to every cell (e.g. grpo.train)
     reward_params: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.reward_sets or not self.seeds:
-            raise ConfigError("an ablation grid needs reward_sets and seeds")
-        if self.reference is not None and self.reference not in self.reward_sets:
-            raise ConfigError(f"reference {self.reference!r} is not one of the reward sets {list(self.reward_sets)}")
-        for name in self.reward_sets:
+        if not (self.reward_sets or self.variants) or not self.seeds:
+            raise ConfigError("an ablation grid needs reward_sets or variants, and seeds")
+        both = set(self.reward_sets) & set(self.variants)
+        if both:
+            raise ConfigError(f"ablation grid: {sorted(both)} named both as a reward set and a variant")
+        if self.reference is not None and self.reference not in self.names:
+            raise ConfigError(f"reference {self.reference!r} is not one of the grid's variants {self.names}")
+        for name in self.names:
             if not name or "/" in name or " " in name:
-                raise ConfigError(f"reward set name {name!r}: use a plain name like hit+ndcg")
+                raise ConfigError(f"variant name {name!r}: use a plain name like hit+ndcg")
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.reward_sets, *self.variants]
+
+    def stage(self, name: str) -> str:
+        return self.variants[name].stage if name in self.variants else "grpo"
 
 
-def cell_recipe(base: Recipe, grid: AblationGrid, reward_set: str, seed: int, cells: Path) -> dict:
+def cell_recipe(base: Recipe, grid: AblationGrid, name: str, seed: int, cells: Path) -> dict:
     raw = merge(to_dict(base), grid.overrides)
-    raw["grpo"]["rewards"] = dict(grid.reward_sets[reward_set])
-    raw["grpo"]["reward_params"] = {k: v for k, v in grid.reward_params.items() if k in grid.reward_sets[reward_set]}
-    raw.update(name=f"{reward_set}-s{seed}", seed=seed, output_dir=str(cells))
+    if name in grid.reward_sets:
+        raw["grpo"]["rewards"] = dict(grid.reward_sets[name])
+        raw["grpo"]["reward_params"] = {k: v for k, v in grid.reward_params.items() if k in grid.reward_sets[name]}
+    else:
+        raw = merge(raw, grid.variants[name].overrides)
+    raw.update(name=f"{name}-s{seed}", seed=seed, output_dir=str(cells))
     return raw
 
 
@@ -80,7 +105,7 @@ def summarise(values: list[float]) -> dict:
 
 
 def reference_set(grid: AblationGrid) -> str:
-    return grid.reference or next(iter(grid.reward_sets))
+    return grid.reference or grid.names[0]
 
 
 def table(base_metrics: dict, results: dict, seeds: list[int], reference: str) -> str:
@@ -93,22 +118,22 @@ def table(base_metrics: dict, results: dict, seeds: list[int], reference: str) -
         stats = cell["summary"]
         kept = ", ".join(str(s) for s in cell["saved_steps"])
         diff = "reference" if name == reference else f"{cell['diff_vs_reference']['ndcg@10']:+.4f}"
-        lines.append(f"| GRPO {name} ({len(seeds)} seeds) | "
+        lines.append(f"| {cell['stage'].upper()} {name} ({len(seeds)} seeds) | "
                      + " | ".join(f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" for m in metrics)
                      + f" | {diff} | {kept} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, base_metrics: dict, results: dict, reference: str) -> None:
-    """One row per reward set (and the SFT start): mean and sample std over seeds, difference to the reference."""
+    """One row per variant (and the SFT start): mean and sample std over seeds, difference to the reference."""
     metrics = [m for m in METRICS if m in base_metrics]
-    header = ["model", "rewards", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    header = ["model", "stage", "rewards", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
     header += [f"{m}_diff_vs_{reference}" for m in ("ndcg@10", "hr@10")]
-    rows = [["sft", "", 1] + [v for m in metrics for v in (base_metrics[m], "")] + ["", ""]]
+    rows = [["sft", "sft", "", 1] + [v for m in metrics for v in (base_metrics[m], "")] + ["", ""]]
     for name, cell in results.items():
         rewards = ";".join(f"{k}:{v:g}" for k, v in cell["rewards"].items())
         stats = cell["summary"]
-        rows.append([name, rewards, len(cell["runs"])]
+        rows.append([name, cell["stage"], rewards, len(cell["runs"])]
                     + [round(v, 6) for m in metrics for v in (stats[m]["mean"], stats[m]["std"])]
                     + [round(cell["diff_vs_reference"][m], 6) for m in ("ndcg@10", "hr@10")])  # fmt: skip
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -118,7 +143,7 @@ def write_csv(path: Path, base_metrics: dict, results: dict, reference: str) -> 
 
 
 def plot(base_metrics: dict, results: dict, out: Path) -> bool:
-    """Three panels: test NDCG@10 per reward set (mean, error bar = std over seeds, SFT dashed), the mean training
+    """Three panels: test NDCG@10 per variant (mean, error bar = std over seeds, SFT dashed), the mean training
     reward per step, and the guard's held-out NDCG@10 per step (one line per seed)."""
     try:
         import matplotlib
@@ -145,8 +170,8 @@ def plot(base_metrics: dict, results: dict, out: Path) -> bool:
             guard.plot([g["step"] for g in run["guard"]], [g["ndcg@10"] for g in run["guard"]], color=f"C{i}",
                        alpha=0.7, label=label)  # fmt: skip
     rewards.set_xlabel("GRPO step")
-    rewards.set_ylabel("mean total reward of the step's rollouts")
-    guard.set_xlabel("GRPO step")
+    rewards.set_ylabel("mean total reward of the step's rollouts (GRPO)")
+    guard.set_xlabel("training step (DPO rounds one after another)")
     guard.set_ylabel("guard NDCG@10 (held-out valid users)")
     rewards.legend()
     fig.tight_layout()
@@ -162,12 +187,13 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
         grid_path = config_path
         grid = load_config(AblationGrid, grid_path)
         if grid.recipe is None:
-            raise ConfigError(f"{grid_path}: name the GRPO recipe (recipe: recipes/...yaml) or pass --grid")
+            raise ConfigError(f"{grid_path}: name the recipe (recipe: recipes/...yaml) or pass --grid")
         config_path = grid.recipe
     else:
         grid = load_config(AblationGrid, grid_path)
     base = load_config(Recipe, config_path, overrides or [])
-    base.section("grpo")
+    for stage in {grid.stage(name) for name in grid.names}:
+        base.section(stage)
     if not (base.stage_dir("sft") / "model").is_dir():
         from rlrec.pipeline import run_pipeline
 
@@ -176,21 +202,21 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
     out = base.run_dir / "ablations" / Path(grid_path).stem
     cells = out / "cells"
     pending, running = [], []
-    for reward_set in grid.reward_sets:
+    for name in grid.names:
         for seed in grid.seeds:
-            raw = cell_recipe(base, grid, reward_set, seed, cells)
-            recipe = load_config(Recipe, _write(cells / f"{reward_set}-s{seed}.yaml", raw))  # validated like a recipe
+            raw = cell_recipe(base, grid, name, seed, cells)
+            recipe = load_config(Recipe, _write(cells / f"{name}-s{seed}.yaml", raw))  # validated like a recipe
             link_inputs(base, recipe.run_dir)
-            if not (recipe.stage_dir("grpo") / "metrics.json").is_file():
-                pending.append(recipe)
-    print(f"rlrec ablate: {len(grid.reward_sets)} reward sets x {len(grid.seeds)} seeds, {len(pending)} to run, "
+            if not (recipe.stage_dir(grid.stage(name)) / "metrics.json").is_file():
+                pending.append((recipe, grid.stage(name)))
+    print(f"rlrec ablate: {len(grid.names)} variants x {len(grid.seeds)} seeds, {len(pending)} to run, "
           f"{jobs} at a time -> {out}", flush=True)  # fmt: skip
     failed = []
     while pending or running:
         while pending and len(running) < jobs:
-            recipe = pending.pop(0)
-            log = (recipe.run_dir / "grpo.log").open("w")
-            command = [sys.executable, "-m", "rlrec.cli", "grpo", "--config", str(cells / f"{recipe.name}.yaml")]
+            recipe, stage = pending.pop(0)
+            log = (recipe.run_dir / f"{stage}.log").open("w")
+            command = [sys.executable, "-m", "rlrec.cli", stage, "--config", str(cells / f"{recipe.name}.yaml")]
             running.append((recipe, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time()))
         time.sleep(2)
         for entry in list(running):
@@ -202,7 +228,7 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
                 if process.returncode:
                     failed.append(recipe.name)
     if failed:
-        raise RlrecError(f"ablation cells failed: {', '.join(failed)}; see {cells}/<cell>/grpo.log")
+        raise RlrecError(f"ablation cells failed: {', '.join(failed)}; see {cells}/<cell>/<stage>.log")
     return collect(base, grid, out)
 
 
@@ -220,22 +246,36 @@ def _write(path: Path, raw: dict) -> Path:
     return path
 
 
+def guard_curve(training: dict) -> list[dict]:
+    """The guard's evaluations of a GRPO run, or of a DPO run's rounds one after another (steps offset)."""
+    if "rounds" not in training:
+        return training["guard"]
+    curve, offset = [], 0
+    for summary in training["rounds"]:
+        curve += [{**g, "step": g["step"] + offset} for g in summary["guard"]]
+        offset += summary["global_step"]
+    return curve
+
+
 def collect(base: Recipe, grid: AblationGrid, out: Path) -> dict:
     sft = json.loads((base.stage_dir("sft") / "metrics.json").read_text())
-    split = base.grpo.eval_splits[0]
+    splits = {base.section(grid.stage(name)).eval_splits[0] for name in grid.names}
+    if len(splits) > 1:
+        raise ConfigError(f"the grid's stages evaluate different splits {sorted(splits)}; a table mixes no protocols")
+    split = splits.pop()
     results = {}
-    for reward_set in grid.reward_sets:
-        runs = []
+    for name in grid.names:
+        stage, runs = grid.stage(name), []
         for seed in grid.seeds:
-            cell_dir = out / "cells" / f"{reward_set}-s{seed}"
-            metrics = json.loads((cell_dir / "grpo" / "metrics.json").read_text())
-            runs.append({"seed": seed, "metrics": metrics[split]["metrics"], "guard": metrics["training"]["guard"],
-                         "saved_step": metrics["training"]["saved_step"],
-                         "global_step": metrics["training"]["global_step"],
-                         "reward_curve": reward_curve(cell_dir / "grpo" / "train_log.jsonl")})  # fmt: skip
-        results[reward_set] = {
-            "rewards": grid.reward_sets[reward_set], "runs": runs,
-            "saved_steps": [r["saved_step"] for r in runs],
+            cell_dir = out / "cells" / f"{name}-s{seed}"
+            metrics = json.loads((cell_dir / stage / "metrics.json").read_text())
+            training = metrics["training"]
+            runs.append({"seed": seed, "metrics": metrics[split]["metrics"], "guard": guard_curve(training),
+                         "saved_step": training["saved_step"], "global_step": training["global_step"],
+                         "reward_curve": reward_curve(cell_dir / stage / "train_log.jsonl")})  # fmt: skip
+        rewards = grid.reward_sets.get(name) or (training.get("rewards", {}) if stage == "grpo" else {})
+        results[name] = {
+            "stage": stage, "rewards": rewards, "runs": runs, "saved_steps": [r["saved_step"] for r in runs],
             "summary": {m: summarise([r["metrics"][m] for r in runs]) for m in METRICS if m in runs[0]["metrics"]},
         }  # fmt: skip
     reference = reference_set(grid)

@@ -97,6 +97,13 @@ def _grpo(args: argparse.Namespace, overrides: list[str]) -> None:
     _print_stage_metrics(recipe, "grpo", run(recipe))
 
 
+def _dpo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from rlrec.stages.dpo import run
+
+    recipe = load_config(Recipe, args.config, overrides)
+    _print_stage_metrics(recipe, "dpo", run(recipe))
+
+
 def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
     from rlrec.pipeline import run_pipeline
 
@@ -126,9 +133,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[argparse.Namespace, list[st
     ("eval",): ("full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval", _eval),
     ("sft",): ("supervised fine-tuning (LoRA or full) on history -> next item, then evaluation", _sft),
     ("grpo",): ("GRPO from the SFT model with verifiable ranking rewards and trie-constrained rollouts", _grpo),
+    ("dpo",): ("DPO or multi-negative S-DPO from the SFT model, with mined hard negatives", _dpo),
     ("pipeline",): ("items -> data -> baselines -> sft -> grpo/dpo -> eval, skipping finished stages", _pipeline),
     ("publish",): ("a trained stage -> Hugging Face Hub repo (adapter, tokenizer, catalogue, model card)", _publish),
-    ("ablate",): ("GRPO once per (reward set, seed) of a grid from the same SFT model, then a table", _ablate),
+    ("ablate",): ("GRPO / DPO once per (variant, seed) of a grid from the same SFT model, then a table", _ablate),
     ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", _items_build),
 }
 

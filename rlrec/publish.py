@@ -115,7 +115,13 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
                       f"{training.get('global_step', '?')} steps, kept step {training.get('saved_step', '?')} "
                       "by the validation guard)")  # fmt: skip
     elif stage == "dpo":
-        stages.append(f"preference optimisation ({recipe['dpo'].get('loss', 'dpo')})")
+        dpo = recipe["dpo"]
+        negatives = ", ".join(f"{n} {source}" for source, n in dpo["negatives"].items()
+                              if source in ("hard", "history", "popular", "random") and n)  # fmt: skip
+        rounds = len(training.get("rounds", [])) or dpo.get("rounds", 1)
+        stages.append(f"{'S-DPO' if dpo['loss'] == 'sdpo' else 'DPO'} (beta {dpo['beta']:g}, negatives per prompt: "
+                      f"{negatives}, {rounds} round{'s' if rounds > 1 else ''}, kept step "
+                      f"{training.get('saved_step', '?')} of the last round by the validation guard)")  # fmt: skip
     model_text = "full model"
     if adapter:
         model_text = "LoRA adapter on " + (base or "a from-scratch base model (in `base_model/`)")

@@ -6,7 +6,7 @@ command reads the run fields and its own section, so a single file can drive one
     seed: 0
     data: {source: ..., split: ..., prompt: ...}
     items: {quantizer: rqkmeans, codebook_sizes: [256, 256, 256], ...}   # semantic IDs (optional)
-    sft: {...}  grpo: {...}  eval: {...}  pipeline: {accelerate_config: ...}
+    sft: {...}  grpo: {...}  dpo: {...}  eval: {...}  pipeline: {accelerate_config: ...}
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rlrec.errors import ConfigError
 from rlrec.evaluate import EvalConfig
 from rlrec.items.config import ItemsConfig
 from rlrec.pipeline import PipelineConfig
+from rlrec.stages.dpo import DPOStageConfig
 from rlrec.stages.grpo import GRPOStageConfig
 from rlrec.stages.sft import SFTStageConfig
 
@@ -34,6 +35,7 @@ class Recipe:
     sasrec: SASRecConfig | None = None
     sft: SFTStageConfig | None = None
     grpo: GRPOStageConfig | None = None
+    dpo: DPOStageConfig | None = None
     eval: EvalConfig | None = None
     pipeline: PipelineConfig | None = None
 

@@ -15,8 +15,8 @@ from rlrec.evaluate import EvalConfig, load_run_data
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
-from rlrec.stages.grpo import GuardConfig, make_guard
 from rlrec.stages.grpo import run as run_grpo
+from rlrec.stages.posttrain import GuardConfig, make_guard
 from rlrec.stages.sft import run as run_sft
 from tests.conftest import REPO
 from tests.test_sft import launch, prepared, tiny_recipe  # noqa: F401  (prepared is a fixture)
@@ -172,8 +172,9 @@ def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
     assert run_ablation(str(config), str(grid), jobs=2)["results"].keys() == report["results"].keys()
 
 
-def test_shipped_ablation_grids_parse():
-    from rlrec.ablate import AblationGrid
+def test_shipped_ablation_grids_parse(tmp_path):
+    """Every grid parses, names known rewards, and every cell recipe it would write is a valid recipe."""
+    from rlrec.ablate import AblationGrid, cell_recipe
 
     paths = sorted((REPO / "rewards" / "ablations").glob("*.yaml"))
     assert paths
@@ -182,6 +183,11 @@ def test_shipped_ablation_grids_parse():
         for rewards in grid.reward_sets.values():
             for name in rewards:
                 resolve(name)
+        # a grid without its own recipe is run with --grid against a GRPO recipe (its header says which)
+        base = load_config(Recipe, REPO / (grid.recipe or "recipes/amazon18-scientific/grpo_sid.yaml"))
+        for name in grid.names:
+            cell = from_dict(Recipe, cell_recipe(base, grid, name, grid.seeds[0], tmp_path))
+            assert cell.section(grid.stage(name)) is not None
 
 
 def test_unfused_head_matches_trl_fused_head():
@@ -196,7 +202,7 @@ def test_unfused_head_matches_trl_fused_head():
     model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=32, layers=1, heads=2), {"i1": "<a_1><b_2>"},
                                              ["the user liked these items"], seed=0)  # fmt: skip
     fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    add_fused_lm_head(fused, temperature=0.7, outputs=("log_probs", "entropy", "is_top1"))
+    add_fused_lm_head(fused, temperature=0.7, outputs=("log_probs", "entropy", "is_top1", "mean_logits"))
     unfuse_lm_head(plain, temperature=0.7)
     ids = torch.randint(0, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -205,5 +211,5 @@ def test_unfused_head_matches_trl_fused_head():
     b = plain(input_ids=ids, labels=labels, fused_lm_head=True)
     assert torch.allclose(a.log_probs, b.log_probs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
     assert torch.allclose(a.loss, b.loss, atol=1e-5) and torch.equal(a.is_top1, b.is_top1)
-    assert torch.equal(a.label_mask, b.label_mask)
+    assert torch.equal(a.label_mask, b.label_mask) and torch.allclose(a.mean_logits, b.mean_logits, atol=1e-5)
     assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)  # generation path untouched

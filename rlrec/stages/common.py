@@ -229,12 +229,16 @@ class Timer:
         return round(time.time() - self.start, 1)
 
 
+def unwrap_peft(model):
+    """The transformers model under a PEFT wrapper (the object TRL's `add_fused_lm_head` patches), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def has_token_adapters(model) -> bool:
     """Whether PEFT wraps the output layer (trainable_token_indices or modules_to_save on the LM head/embeddings)."""
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = unwrap_peft(model).get_output_embeddings()
     return isinstance(head, (TrainableTokensWrapper, ModulesToSaveWrapper))
 
 
@@ -248,8 +252,8 @@ def wants_plain_lm_head(setting: str, model) -> bool:
     see them, see `unfuse_lm_head`) and for small vocabularies, fused otherwise."""
     if setting != "auto":
         return setting == "plain"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return has_token_adapters(model) or base.get_output_embeddings().weight.shape[0] < PLAIN_HEAD_MAX_VOCAB
+    vocabulary = unwrap_peft(model).get_output_embeddings().weight.shape[0]
+    return has_token_adapters(model) or vocabulary < PLAIN_HEAD_MAX_VOCAB
 
 
 def unfuse_lm_head(model, temperature: float = 1.0) -> None:
@@ -297,8 +301,9 @@ def unfuse_lm_head(model, temperature: float = 1.0) -> None:
         per_token = scatter(logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1))
         entropy = scatter(-(logprobs.exp() * logprobs).sum(-1))
         is_top1 = scatter(logits.argmax(-1) == target)
+        mean_logits = scatter((logits / temperature).mean(-1).detach())  # DPO logs it
         loss = -per_token.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=per_token, entropy=entropy, is_top1=is_top1,
-                                   label_mask=mask)  # fmt: skip
+                                   mean_logits=mean_logits, label_mask=mask)  # fmt: skip
 
     model.forward = types.MethodType(forward, model)

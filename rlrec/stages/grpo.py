@@ -11,28 +11,24 @@ so every completion is a real item. Two rollout modes:
 Rewards are `rlrec.rewards` functions with weights from the recipe. TRL's loss types, reward scaling, clipping and
 KL coefficient are exposed as they are.
 
-The guard. A naive RL stage made a converged SFT model worse on real data (`../shared/notes/rl-calibration.md`:
--34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a held-out slice of the validation users at
-step 0 and every `guard.eval_steps`, keeps the best weights, stops after `guard.patience` evaluations without a
-gain, and saves the best model: the stage can never return a model worse on validation than the one it started
-from. The curve is in `guard.jsonl` and `metrics.json`.
+The guard (`rlrec.stages.posttrain`). A naive RL stage made a converged SFT model worse on real data
+(`../shared/notes/rl-calibration.md`: -34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a
+held-out slice of the validation users at step 0 and every `guard.eval_steps`, keeps the best weights, stops after
+`guard.patience` evaluations without a gain, and saves the best model: the stage can never return a model worse on
+validation than the one it started from. The curve is in `guard.jsonl` and `metrics.json`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.evaluate import EvalConfig, RunData, load_run_data
-from rlrec.models import BASE_MODEL_DIR, load_model
 from rlrec.rewards import NEEDS_RANK, ItemTables, RewardBatch, compute, resolve
 from rlrec.stages.common import (
     LoraSection,
@@ -41,34 +37,26 @@ from rlrec.stages.common import (
     checkpoint_step,
     is_main_process,
     last_checkpoint,
-    lora_config,
     stage_main,
     training_arguments,
     unfuse_lm_head,
+    unwrap_peft,
     wants_plain_lm_head,
     world_size,
+)  # fmt: skip
+from rlrec.stages.posttrain import (
+    GuardConfig,
+    copy_base_model,
+    init_model_dir,
+    load_policy,
+    make_guard,
+    train_prompts,
 )  # fmt: skip
 
 if TYPE_CHECKING:
     from rlrec.recipe import Recipe
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
-
-
-@dataclass
-class GuardConfig:
-    """Eval-gated training: NDCG@K on the first `users` rows of a held-out split."""
-
-    eval_steps: int = 25
-    users: int = 500
-    split: Literal["valid", "test"] = "valid"
-    k: int = 10
-    patience: int = 4  # evaluations without a gain before stopping; 0 never stops early
-    keep_best: bool = True  # save the best evaluated weights (step 0 included), not the last
-
-    def __post_init__(self) -> None:
-        if self.eval_steps < 1 or self.users < 1 or self.k < 1 or self.patience < 0:
-            raise ConfigError("grpo.guard: eval_steps, users and k must be >= 1, patience >= 0")
 
 
 @dataclass
@@ -208,97 +196,7 @@ def item_tables(recipe: Recipe, data: RunData) -> ItemTables:
     )  # fmt: skip
 
 
-# --- the guard ------------------------------------------------------------------------------------------------------
-
-
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def make_guard(model, tokenizer, data: RunData, eval_config: EvalConfig, guard: GuardConfig, out: Path):
-    """A TrainerCallback: held-out NDCG@K at step 0 and every `eval_steps`; keeps the best trainable weights and
-    stops after `patience` evaluations without a gain. Every process evaluates the same rows (no communication,
-    identical decisions, and ZeRO-3's sharded forward stays in step)."""
-    from transformers import TrainerCallback
-
-    from rlrec.stages.evaluate import evaluate_generative
-
-    rows = data.rows(guard.split, guard.users)
-    metric = f"ndcg@{guard.k}"
-    config = EvalConfig(ks=[guard.k], beam_width=max(eval_config.beam_width or guard.k, guard.k),
-                        batch_size=eval_config.batch_size, exclude_history=eval_config.exclude_history)  # fmt: skip
-
-    class Guard(TrainerCallback):
-        def __init__(self) -> None:
-            self.history: list[dict] = []
-            self.best: tuple[float, int] = (-math.inf, 0)
-            self.best_state: dict[str, torch.Tensor] | None = None
-            self.stale = 0
-
-        def evaluate(self, step: int, control) -> None:
-            training = model.training
-            result = evaluate_generative(model, tokenizer, data, config, rows, progress=False)["metrics"]
-            if training:
-                model.train()
-            value = result[metric]
-            entry = {"step": step, metric: value, f"hr@{guard.k}": result[f"hr@{guard.k}"], "users": len(rows)}
-            self.history.append(entry)
-            if value > self.best[0]:
-                self.best, self.stale = (value, step), 0
-                if guard.keep_best:
-                    self.best_state = _trainable_state(model)
-            else:
-                self.stale += 1
-                if guard.patience and self.stale >= guard.patience:
-                    control.should_training_stop = True
-            if is_main_process():
-                print(f"rlrec grpo guard: step {step} {guard.split} {metric} {value:.4f} "
-                      f"(best {self.best[0]:.4f} at step {self.best[1]})", flush=True)  # fmt: skip
-                with (out / "guard.jsonl").open("a", encoding="utf-8") as log:
-                    log.write(json.dumps(entry) + "\n")
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.evaluate(state.global_step, control)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % guard.eval_steps == 0:
-                self.evaluate(state.global_step, control)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if not self.history or self.history[-1]["step"] != state.global_step:
-                self.evaluate(state.global_step, control)
-
-        def restore_best(self) -> int:
-            """Load the best evaluated weights back; returns the step they come from."""
-            if self.best_state is not None:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if name in self.best_state:
-                            p.copy_(self.best_state[name].to(p.device))
-            return self.best[1]
-
-    return Guard()
-
-
 # --- the stage ------------------------------------------------------------------------------------------------------
-
-
-def init_model_dir(recipe: Recipe, init: str) -> Path:
-    path = recipe.stage_dir(init) / "model" if init in ("sft", "dpo") else Path(init)
-    if not path.is_dir():
-        raise RlrecError(f"grpo.init: no model at {path}; run the '{init}' stage first or give a model folder")
-    return path
-
-
-def train_dataset(data: RunData, config: GRPOStageConfig, seed: int):
-    rows = data.rows("train")
-    if config.train_rows == "last":
-        last = {user: i for i, user in enumerate(rows["user"])}
-        rows = rows.select(sorted(last.values()))
-    rows = rows.shuffle(seed=seed)
-    if config.max_train_prompts:
-        rows = rows.select(range(min(config.max_train_prompts, len(rows))))
-    return rows.remove_columns([c for c in rows.column_names if c not in ("prompt", "target", "history", "user")])
 
 
 def run(recipe: Recipe) -> dict | None:
@@ -311,23 +209,12 @@ def run(recipe: Recipe) -> dict | None:
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     out = recipe.stage_dir("grpo")
-    init = init_model_dir(recipe, config.init)
-    adapter_init = (init / "adapter_config.json").is_file()
-    finetune = config.finetune if config.finetune != "auto" else ("lora" if adapter_init else "full")
-    model, tokenizer = load_model(init, trainable=True)
-    peft_config = None
-    if adapter_init and finetune == "full":
-        model = model.merge_and_unload()
-    elif not adapter_init and finetune == "lora":
-        from rlrec.items.index import CODE_IN_TEXT
-
-        codes = sorted({c for text in data.identifiers.values() for c in CODE_IN_TEXT.findall(text)})
-        token_ids = tokenizer.convert_tokens_to_ids(codes)
-        peft_config = lora_config(config.lora, model, token_ids, "trainable_token_indices")
+    policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
+    model, tokenizer, peft_config = policy.model, policy.tokenizer, policy.peft_config
     tables = item_tables(recipe, data)
     funcs = reward_functions(config, tables)
     trie = ItemTrie.build(tokenizer, data.identifiers)
-    dataset = train_dataset(data, config, recipe.seed)
+    dataset = train_prompts(data, config.train_rows, config.max_train_prompts, recipe.seed)
     kwargs = training_arguments(config.train, out, recipe.seed)
     kwargs.pop("train_sampling_strategy")  # GRPO samples with its own RepeatSampler
     kwargs["per_device_train_batch_size"] = config.prompts_per_device * config.num_generations
@@ -345,25 +232,25 @@ def run(recipe: Recipe) -> dict | None:
     except ValueError as err:
         raise RlrecError(f"cannot set up GRPO: {err}") from None
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
-        base = trainer.model.get_base_model() if peft_config is not None else trainer.model
-        unfuse_lm_head(base, config.temperature)
+        unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
     guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out)
     trainer.add_callback(guard)
     resume = last_checkpoint(out, config.train.resume)
     if is_main_process():
-        print(f"rlrec grpo: world size {world_size()} ({trainer.accelerator.distributed_type.value}), {finetune} "
-              f"fine-tuning from {init}, {config.rollout} rollouts G={config.num_generations}, rewards "
-              f"{config.rewards}, {len(dataset):,} prompts, resume from {resume or 'scratch'}", flush=True)  # fmt: skip
+        print(f"rlrec grpo: world size {world_size()} ({trainer.accelerator.distributed_type.value}), "
+              f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts "
+              f"G={config.num_generations}, rewards {config.rewards}, {len(dataset):,} prompts, "
+              f"resume from {resume or 'scratch'}", flush=True)  # fmt: skip
     result = trainer.train(resume_from_checkpoint=resume)
     best_step = trainer.state.global_step
     if config.guard.keep_best:
         best_step = guard.restore_best()
     trainer.save_model(str(out / "model"))
-    if adapter_init and finetune == "lora" and (init.parent / BASE_MODEL_DIR).is_dir() and is_main_process():
-        shutil.copytree(init.parent / BASE_MODEL_DIR, out / BASE_MODEL_DIR, dirs_exist_ok=True)
+    copy_base_model(policy, out)
     trainer.accelerator.wait_for_everyone()
     summary = {
-        "init": str(init), "finetune": finetune, "rollout": config.rollout, "num_generations": config.num_generations,
+        "init": str(policy.init), "finetune": policy.finetune, "rollout": config.rollout,
+        "num_generations": config.num_generations,
         "rewards": config.rewards, "global_step": trainer.state.global_step, "saved_step": best_step,
         "train_loss": round(result.training_loss, 5), "resumed_from": resume,
         "steps_run": trainer.state.global_step - checkpoint_step(resume), "world_size": world_size(),

@@ -36,6 +36,7 @@ from rlrec.stages.common import (
     stage_main,
     training_arguments,
     unfuse_lm_head,
+    unwrap_peft,
     wants_plain_lm_head,
     world_size,
     write_json,
@@ -138,7 +139,7 @@ def train_sft(recipe: Recipe):
     except ValueError as err:  # PEFT's message when a target module is missing, for example
         raise RlrecError(f"cannot set up SFT: {err}") from None
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
-        unfuse_lm_head(trainer.model.get_base_model() if peft_config is not None else trainer.model)
+        unfuse_lm_head(unwrap_peft(trainer.model))
     resume = last_checkpoint(out, config.train.resume)
     if is_main_process():
         print(
