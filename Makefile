@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/rlrec pipeline --config recipes/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=12
 
 test-all: install
 	$(BIN)/python -m pytest -q

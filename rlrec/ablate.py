@@ -118,7 +118,7 @@ def table(base_metrics: dict, results: dict, seeds: list[int], reference: str) -
         stats = cell["summary"]
         kept = ", ".join(str(s) for s in cell["saved_steps"])
         diff = "reference" if name == reference else f"{cell['diff_vs_reference']['ndcg@10']:+.4f}"
-        lines.append(f"| {cell['stage'].upper()} {name} ({len(seeds)} seeds) | "
+        lines.append(f"| {name} ({cell['stage'].upper()}, {len(seeds)} seeds) | "
                      + " | ".join(f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" for m in metrics)
                      + f" | {diff} | {kept} |")  # fmt: skip
     return "\n".join(lines) + "\n"

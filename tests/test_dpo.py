@@ -159,6 +159,7 @@ def test_sdpo_iterative_rounds_change_the_model(shared_data, sft_run, tmp_path):
         # the first step's forward runs before any update: policy and reference agree exactly
         assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
         assert math.isclose(first["loss"], math.log(1 + 3), rel_tol=1e-4)  # -log sigmoid(-log K), K = 3
+    assert {row["round"] for row in read_log(out / "train_log.jsonl")} == {1, 2}
     round_one = json.loads((out / "round-1" / "round.json").read_text())
     assert round_one["saved_step"] == 2
     assert (out / "model" / "adapter_config.json").is_file()

@@ -158,7 +158,7 @@ def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
     out = tmp_path / "tiny" / "ablations" / "tiny_grid"
 
     table = (out / "table.md").read_text()
-    assert "| SFT (start) |" in table and "| GRPO hit+ndcg (2 seeds) |" in table and "NDCG@10 - hit" in table
+    assert "| SFT (start) |" in table and "| hit+ndcg (GRPO, 2 seeds) |" in table and "NDCG@10 - hit" in table
     assert f"{diff:+.4f}" in table and "| reference |" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["model"] for r in rows] == ["sft", "hit+ndcg", "hit"]

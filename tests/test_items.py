@@ -164,11 +164,13 @@ def test_tokenizer_round_trip_on_a_real_pretrained_tokenizer(shared_data):
 
 @pytest.fixture(scope="module")
 def scientific_items(shared_data, tmp_path_factory):
-    """`rlrec items build` on Scientific with the default MiniLM encoder (about a minute on 2 cores)."""
+    """`rlrec items build` on Scientific with the default MiniLM encoder. Attributes are cut to 60 characters
+    (recipe: 400): the encoder's cost grows with the text, and the full texts took about 3 minutes on 2 cores."""
     out = tmp_path_factory.mktemp("runs")
     result = run_cli(
         "items", "build", "--config", str(REPO / "recipes/amazon18-scientific/items_rqkmeans.yaml"),
         f"output_dir={out}", f"--data.source.path={shared_data / 'amazon18-scientific'}",
+        "items.max_attribute_chars=60",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out / "scientific-rqkmeans"

@@ -18,6 +18,7 @@ Losses. `loss: dpo` is TRL's `DPOTrainer` unchanged (any of its `dpo_loss_type`s
 Iterative mode (`rounds` > 1, OneRec's iterative preference alignment without its reward model): each round mines
 hard negatives with the model the previous round produced, trains against that model as the reference, and saves
 `round-<r>/model`. A rerun skips finished rounds and resumes an unfinished one from its last checkpoint.
+`dpo/train_log.jsonl` holds every round's TRL log (rewards/chosen, rewards/margins, ...) with its round number.
 
 Every round is eval-gated like GRPO (`rlrec.stages.posttrain`): it keeps the best weights on a validation slice,
 the round's starting model included. The final model is `dpo/model`, evaluated on `eval_splits` in `metrics.json`.
@@ -342,6 +343,10 @@ def run(recipe: Recipe) -> dict | None:
     if not is_main_process():
         return None
     shutil.copytree(init, out / "model", dirs_exist_ok=True)
+    with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:  # every round's log, in order
+        for index in range(1, config.rounds + 1):
+            for line in (out / f"round-{index}" / "train_log.jsonl").read_text().splitlines():
+                log.write(json.dumps({"round": index, **json.loads(line)}) + "\n")
     if (init.parent / BASE_MODEL_DIR).is_dir():
         shutil.copytree(init.parent / BASE_MODEL_DIR, out / BASE_MODEL_DIR, dirs_exist_ok=True)
     last = rounds[-1]
