@@ -174,6 +174,7 @@ def plot(base_metrics: dict, results: dict, out: Path) -> bool:
     guard.set_xlabel("training step (DPO rounds one after another)")
     guard.set_ylabel("guard NDCG@10 (held-out valid users)")
     rewards.legend()
+    guard.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
