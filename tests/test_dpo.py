@@ -163,9 +163,11 @@ def test_sdpo_iterative_rounds_change_the_model(shared_data, sft_run, tmp_path):
     round_one = json.loads((out / "round-1" / "round.json").read_text())
     assert round_one["saved_step"] == 2
     assert (out / "model" / "adapter_config.json").is_file()
+    sft = load_model(recipe.stage_dir("sft") / "model")[0]
     first, second = (load_model(out / f"round-{i}" / "model")[0].merge_and_unload() for i in (1, 2))
-    pairs = zip(first.named_parameters(), second.named_parameters(), strict=True)
-    assert any(not torch.equal(a, b) for (_, a), (_, b) in pairs)  # round 2 trained on
+    for before, after in ((sft, first), (first, second)):  # each round changed the model
+        pairs = zip(before.named_parameters(), after.named_parameters(), strict=True)
+        assert sum(not torch.equal(a, b) for (_, a), (_, b) in pairs) >= 5
 
 
 def test_pairwise_dpo_changes_the_full_model(shared_data, sft_run, tmp_path):
