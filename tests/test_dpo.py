@@ -21,9 +21,8 @@ from rlrec.recipe import Recipe
 from rlrec.stages.dpo import NegativesConfig, build_preferences
 from rlrec.stages.dpo import run as run_dpo
 from rlrec.stages.sdpo import sdpo_loss
-from rlrec.stages.sft import run as run_sft
 from tests.conftest import REPO
-from tests.test_sft import launch, prepared, tiny_recipe  # noqa: F401  (prepared is a fixture)
+from tests.test_sft import launch, prepared, sft_run, tiny_recipe  # noqa: F401  (fixtures)
 
 # --- the loss -------------------------------------------------------------------------------------------------------
 
@@ -103,15 +102,6 @@ def test_too_small_a_catalogue_is_an_error():
 
 
 # --- real runs ------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sft_run(shared_data, prepared, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("sft_run")
-    recipe = from_dict(Recipe, tiny_recipe(shared_data, out))
-    shutil.copytree(prepared, recipe.stage_dir("data"))
-    run_sft(recipe)
-    return out
 
 
 def dpo_recipe(shared_data, sft_run, tmp_path, **dpo) -> dict:

@@ -17,9 +17,8 @@ from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
 from rlrec.stages.grpo import run as run_grpo
 from rlrec.stages.posttrain import GuardConfig, make_guard
-from rlrec.stages.sft import run as run_sft
 from tests.conftest import REPO
-from tests.test_sft import launch, prepared, tiny_recipe  # noqa: F401  (prepared is a fixture)
+from tests.test_sft import launch, prepared, sft_run, tiny_recipe  # noqa: F401  (fixtures)
 
 SEEN: list = []  # items the probe reward saw
 
@@ -28,16 +27,6 @@ def record_items(batch, tables):
     """A user reward loaded by dotted path; records every rollout item (weight 0 in the recipe)."""
     SEEN.extend(batch.items)
     return [0.0] * len(batch.items)
-
-
-@pytest.fixture(scope="module")
-def sft_run(shared_data, prepared, tmp_path_factory):  # noqa: F811
-    """A tiny SFT model (4 steps) on prepared Scientific data: runs/tiny/{data,sft}."""
-    out = tmp_path_factory.mktemp("sft_run")
-    recipe = from_dict(Recipe, tiny_recipe(shared_data, out))
-    shutil.copytree(prepared, recipe.stage_dir("data"))
-    run_sft(recipe)
-    return out
 
 
 def grpo_recipe(shared_data, sft_run, tmp_path, **grpo) -> dict:

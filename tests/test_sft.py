@@ -49,6 +49,18 @@ def prepared(shared_data, tmp_path_factory):
     return out / "tiny" / "data"
 
 
+@pytest.fixture(scope="module")
+def sft_run(shared_data, prepared, tmp_path_factory):
+    """A tiny SFT model (4 steps) on prepared Scientific data: <out>/tiny/{data,sft}, for the post-training tests."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("sft_run")
+    recipe = from_dict(Recipe, tiny_recipe(shared_data, out))
+    shutil.copytree(prepared, recipe.stage_dir("data"))
+    run(recipe)
+    return out
+
+
 def recipe_with_data(shared_data, prepared, tmp_path, name="tiny", **sft) -> Recipe:
     import shutil
 

@@ -26,6 +26,7 @@ the round's starting model included. The final model is `dpo/model`, evaluated o
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import torch
 
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.evaluate import EvalConfig, RunData, load_run_data
-from rlrec.models import BASE_MODEL_DIR, load_model
+from rlrec.models import BASE_MODEL_DIR
 from rlrec.stages.common import (
     LoraSection,
     Timer,
@@ -270,8 +271,7 @@ def train_round(recipe: Recipe, config: DPOStageConfig, data: RunData, init: Pat
     # A full model trains against a frozen copy of itself as loaded; an adapter against TRL's "ref" adapter copy.
     ref_model = None
     if policy.finetune == "full":
-        ref_model = load_model(init)[0]
-        ref_model.requires_grad_(False)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
     out.mkdir(parents=True, exist_ok=True)
     (out / "guard.jsonl").unlink(missing_ok=True)
