@@ -1,4 +1,5 @@
-"""Stage manifests: what a stage read (with content hashes), with which package versions and seed, how long it took.
+"""Stage manifests: what a stage read (with content hashes), with which package versions and seed, how long it took
+and the process's peak resident memory.
 
 `runs/<name>/<stage>/manifest.json` lets a later run decide whether a stage's inputs changed and lets a reader of a
 results table trace every number back to exact inputs.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import resource
 import sys
 from collections.abc import Iterable
 from importlib import metadata
@@ -47,6 +49,8 @@ def write_manifest(stage_dir: Path, inputs: Iterable[str | Path], seed: int, wal
         "versions": package_versions(),
         "seed": seed,
         "wall_time_s": round(wall_time_s, 3),
+        # peak resident memory of this process so far (Linux reports KiB); per process under accelerate launch
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "command": " ".join(sys.argv),
         **extra,
     }

@@ -34,6 +34,7 @@ def test_movielens_100k_stats(shared_data, tmp_path):
     assert stats["identifier_notes"]["duplicate_title"] == 36  # 18 titles appear twice in ML-100K
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["versions"]["torch"].startswith("2.13.0") and len(next(iter(manifest["inputs"].values()))) == 64
+    assert 50 < manifest["peak_rss_mb"] < 24 * 1024  # this process's own peak, in MB
 
 
 def test_scientific_stats_with_semantic_ids(shared_data, tmp_path):
@@ -73,6 +74,22 @@ def test_minionerec_given_split(shared_data, tmp_path):
     )
     assert stats["splits"] == {"valid": 4532, "test": 4533}
     assert stats["num_items"] == 3686 and stats["num_interactions"] is None
+
+
+def test_minionerec_trains_on_its_valid_rows(shared_data, tmp_path):
+    """The export has no train split: its valid rows train, their last 10% select, its test rows stay as given."""
+    source = f"--data.source.path={shared_data / 'minionerec-industrial'}"
+    stats, out = prepare("recipes/minionerec-industrial/sasrec.yaml", tmp_path, source)
+    assert stats["splits"] == {"train": 4079, "valid": 453, "test": 4533}  # 4,532 valid rows = 4,079 + 453
+    dataset = load_from_disk(str(out / "dataset"))
+    given, _ = prepare("recipes/minionerec-industrial/data.yaml", tmp_path / "given", source)
+    original = load_from_disk(str(tmp_path / "given" / "minionerec-industrial" / "data" / "dataset"))
+    assert dataset["train"]["target"] + dataset["valid"]["target"] == original["valid"]["target"]
+    assert dataset["test"]["target"] == original["test"]["target"]
+    # an export with a train split, or a split method that is not `given`, cannot take the option
+    result = run_cli("data", "prepare", "--config", str(REPO / "recipes/movielens-100k/sasrec.yaml"),
+                     f"output_dir={tmp_path}", "--data.split.train_from", "valid")  # fmt: skip
+    assert result.returncode == 2 and "train_from: valid only applies to split.method: given" in result.stderr
 
 
 def test_synthetic_quickstart_and_temporal_split(tmp_path):

@@ -86,15 +86,25 @@ class SourceConfig:
 @dataclass
 class SplitConfig:
     """`leave_one_out` (P5/TIGER), `temporal` (global chronological ratio split, MiniOneRec/D3/BIGRec), or
-    `given` (the export's own splits, MiniOneRec CSVs)."""
+    `given` (the export's own splits, MiniOneRec CSVs).
+
+    `train_from: valid` is for exports without a train split (the public MiniOneRec snapshot): the given valid rows
+    become the training rows, except the last `holdout` share of them (file order), which becomes the valid split
+    that early stopping and the guards select on; the given test rows stay untouched."""
 
     method: Literal["leave_one_out", "temporal", "given"] = "leave_one_out"
     max_history: int = 20
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    train_from: Literal["train", "valid"] = "train"  # given splits only
+    holdout: float = 0.1  # train_from: valid only
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
             raise ConfigError("split.max_history must be >= 1")
+        if self.train_from == "valid" and self.method != "given":
+            raise ConfigError("split.train_from: valid only applies to split.method: given")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"split.holdout must be in (0, 1), got {self.holdout}")
         if any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1.0) > 1e-6:
             raise ConfigError(f"split.ratios must be three non-negative numbers summing to 1, got {self.ratios}")
 

@@ -47,12 +47,25 @@ def make_splits(raw: RawData, config: DataConfig, skipped: Counter) -> dict[str,
     if split.method == "given":
         if raw.given_splits is None:
             raise ConfigError(f"split.method 'given' needs a pre-split source; '{config.source.format}' is not")
-        return truncate(raw.given_splits, split.max_history)
+        return given_splits(truncate(raw.given_splits, split.max_history), split.train_from, split.holdout)
     if raw.interactions is None:
         raise ConfigError(f"source '{config.source.format}' is pre-split: use split.method 'given'")
     if split.method == "leave_one_out":
         return leave_one_out(raw.interactions, split.max_history, skipped)
     return temporal(raw.interactions, split.ratios, split.max_history)
+
+
+def given_splits(splits: dict[str, list[Sample]], train_from: str, holdout: float) -> dict[str, list[Sample]]:
+    """The export's splits as they are, or (train_from: valid) its valid rows cut into train and a held-out tail."""
+    if train_from == "train":
+        return splits  # an export without train rows still serves evaluation (and most-popular on valid rows)
+    if "train" in splits:
+        raise ConfigError("split.train_from: valid, but the export has a train split: use it (train_from: train)")
+    if "valid" not in splits or "test" not in splits:
+        raise ConfigError(f"split.train_from: valid needs given valid and test splits, the export has {sorted(splits)}")
+    rows = splits["valid"]
+    cut = len(rows) - max(1, int(round(len(rows) * holdout)))
+    return {"train": rows[:cut], "valid": rows[cut:], "test": splits["test"]}
 
 
 def compute_stats(raw: RawData, splits: dict[str, list[Sample]], config: DataConfig, notes: Counter) -> dict:

@@ -1,0 +1,159 @@
+"""Build the tables and plots of docs/results.md from the runs' own metrics files.
+
+    python bench/results.py [--spec bench/results.yaml] [--doc docs/results.md]
+
+`bench/results.yaml` names, for each table, its rows: a label, the `metrics.json` files of the row's seeds (paths or
+globs under the repo) and the command that produced them. This script reads every file, refuses to put runs of
+different protocols (split, history cap, catalogue, test users) in one table, and writes each table as mean ± sample
+standard deviation over the files found, with the model size, training seconds and peak memory of the runs, between
+the markers `<!-- table:NAME -->` and `<!-- /table:NAME -->` of the doc (the prose around them is written by hand)
+and as `docs/img/results_NAME.png` (NDCG@10 per row with error bars). Nothing is typed in by hand: a row whose files
+are missing is printed as missing, not filled in.
+
+The metrics are the evaluation harness's (docs/evaluation.md): HR@K, NDCG@K, MRR@10 over the full catalogue,
+coverage@10 (share of the catalogue recommended to anyone), long-tail share@10 (share of recommended items outside
+the most popular 20% of items) and the valid rate (share of generated items that are catalogue items).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10", "coverage@10",
+           "tail_share@10", "valid_rate")  # fmt: skip
+HEADERS = {"tail_share@10": "long-tail@10", "valid_rate": "valid"}
+PROTOCOL_KEYS = ("split_method", "max_history", "candidates", "num_items")
+
+
+def read_run(path: Path) -> dict:
+    """Test metrics, protocol and cost of one run, from a stage's or a baseline's metrics.json (+ manifest.json)."""
+    raw = json.loads(path.read_text())
+    protocol = {k: raw["protocol"].get(k) for k in PROTOCOL_KEYS}
+    if "results" in raw:  # `rlrec baseline`: {results: {system: {metrics, training}}}, test split in the protocol
+        if raw["protocol"].get("split") != "test":
+            raise SystemExit(f"{path}: evaluated on {raw['protocol'].get('split')!r}, the tables use the test split")
+        (result,) = raw["results"].values()
+        metrics, training, users = result["metrics"], result.get("training", {}), raw["protocol"]["num_users"]
+        parameters = training.get("parameters")
+    else:  # rlrec sft / grpo / dpo: {training, test: {metrics, num_users}}
+        metrics, training, users = raw["test"]["metrics"], raw["training"], raw["test"]["num_users"]
+        parameters = training.get("parameters") or training.get("trainable_parameters")
+    seconds = training.get("train_seconds")
+    if training.get("rounds"):  # DPO: a rerun that skipped finished rounds reports only its own seconds
+        seconds = round(sum(r["seconds"] for r in training["rounds"]), 1)
+    manifest = path.with_name("manifest.json")
+    manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    return {"metrics": metrics, "protocol": {**protocol, "test_users": users}, "parameters": parameters,
+            "train_seconds": seconds, "peak_rss_mb": manifest.get("peak_rss_mb"),
+            "path": str(path)}  # fmt: skip
+
+
+def expand(patterns: str | list[str]) -> list[Path]:
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    found = sorted({Path(p) for pattern in patterns for p in glob.glob(str(REPO / pattern))})
+    return found
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def cost(values: list, fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
+    header = ["model", "seeds", *[HEADERS.get(c, c.upper().replace("COVERAGE", "coverage")) for c in COLUMNS],
+              "parameters", "train s", "peak RSS MB"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    protocol, summary = None, []
+    for row in spec["rows"]:
+        runs = [read_run(p) for p in expand(row["metrics"])]
+        if not runs:
+            lines.append(f"| {row['label']} | missing: {row['metrics']} |" + " |" * (len(header) - 2))
+            print(f"{name}: no metrics for {row['label']!r} ({row['metrics']})", file=sys.stderr)
+            continue
+        for run in runs:
+            if protocol is None:
+                protocol = run["protocol"]
+            elif run["protocol"] != protocol:
+                raise SystemExit(f"table {name}: {run['path']} has protocol {run['protocol']}, the table {protocol}")
+        cells = [mean_std([r["metrics"][c] for r in runs]) for c in COLUMNS]
+        lines.append(f"| {row['label']} | {len(runs)} | " + " | ".join(cells) + " | "
+                     + f"{cost([r['parameters'] for r in runs], '{:,}')} | "
+                     + f"{cost([r['train_seconds'] for r in runs], '{:,.0f}')} | "
+                     + f"{cost([r['peak_rss_mb'] for r in runs], '{:,.0f}')} |")  # fmt: skip
+        ndcg = [r["metrics"]["ndcg@10"] for r in runs]
+        summary.append({"label": row["label"], "seeds": len(runs), "ndcg@10": statistics.fmean(ndcg),
+                        "std": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0})  # fmt: skip
+    if protocol:
+        lines.append("")
+        lines.append(f"Protocol: {protocol['split_method']}, history <= {protocol['max_history']}, test split "
+                     f"({protocol['test_users']:,} rows), {protocol['candidates']} ({protocol['num_items']:,} items).")  # fmt: skip
+    commands = [row["command"] for row in spec["rows"] if row.get("command")]
+    if commands:
+        lines += ["", "```bash", *commands, "```"]
+    return "\n".join(lines), summary
+
+
+def plot(name: str, title: str, summary: list[dict], out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(summary) + 1.2))
+    labels = [s["label"] for s in summary][::-1]
+    ax.barh(labels, [s["ndcg@10"] for s in summary][::-1], xerr=[s["std"] for s in summary][::-1], color="#4c72b0")
+    ax.set_xlabel("test NDCG@10 (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fill(doc: str, name: str, text: str) -> str:
+    pattern = re.compile(rf"(<!-- table:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /table:{re.escape(name)} -->)", re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"the doc has no markers <!-- table:{name} --> ... <!-- /table:{name} -->")
+    return pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(REPO / "bench/results.yaml"))
+    parser.add_argument("--doc", default=str(REPO / "docs/results.md"))
+    args = parser.parse_args()
+    spec = yaml.safe_load(Path(args.spec).read_text())
+    doc_path = Path(args.doc)
+    doc = doc_path.read_text()
+    for name, table_spec in spec["tables"].items():
+        text, summary = build_table(name, table_spec)
+        doc = fill(doc, name, text)
+        if table_spec.get("plot", True) and summary:
+            plot(name, table_spec.get("title", name), summary, doc_path.parent / "img" / f"results_{name}.png")
+        print(f"{name}: {len(summary)} rows")
+    doc_path.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()

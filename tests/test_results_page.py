@@ -1,0 +1,92 @@
+"""bench/results.py: the results page's tables come from the runs' own metrics files, never mixing protocols."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import results  # noqa: E402
+
+PROTOCOL = {"split_method": "leave_one_out", "max_history": 20, "candidates": "full catalogue", "num_items": 100}
+
+
+def metrics(ndcg: float) -> dict:
+    keys = [*results.COLUMNS, "mrr@10"]
+    return {**{k: 0.5 for k in keys}, "ndcg@10": ndcg}
+
+
+def write_stage(folder, ndcg: float, protocol=PROTOCOL, users: int = 50) -> None:
+    folder.mkdir(parents=True)
+    body = {"protocol": protocol, "training": {"parameters": 1000, "train_seconds": 12.0},
+            "test": {"metrics": metrics(ndcg), "num_users": users}}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(body))
+    (folder / "manifest.json").write_text(json.dumps({"peak_rss_mb": 321.0}))
+
+
+def write_baseline(folder, ndcg: float) -> None:
+    folder.mkdir(parents=True)
+    protocol = {**PROTOCOL, "split": "test", "num_users": 50}
+    body = {"protocol": protocol, "results": {"sasrec": {"metrics": metrics(ndcg), "training": {"parameters": 7}}}}
+    (folder / "metrics.json").write_text(json.dumps(body))
+
+
+def run_page(tmp_path, spec: dict) -> subprocess.CompletedProcess:
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    doc = tmp_path / "docs" / "results.md"
+    if not doc.exists():
+        doc.parent.mkdir(parents=True)
+        doc.write_text("# Results\nprose\n<!-- table:t -->\nold\n<!-- /table:t -->\nmore prose\n")
+    return subprocess.run([sys.executable, str(REPO / "bench/results.py"), "--spec", str(tmp_path / "spec.yaml"),
+                           "--doc", str(doc)], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+
+
+def test_table_is_mean_and_std_over_the_seed_files(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, ndcg in enumerate([0.1, 0.2, 0.3]):
+        write_stage(runs / f"cell-s{seed}" / "grpo", ndcg)
+    write_baseline(runs / "base" / "sasrec", 0.05)
+    spec = {"tables": {"t": {"rows": [
+        {"label": "SASRec", "metrics": str(runs / "base/sasrec/metrics.json"), "command": "rlrec baseline sasrec"},
+        {"label": "GRPO", "metrics": str(runs / "cell-s*/grpo/metrics.json")},
+        {"label": "absent", "metrics": str(runs / "nothing/metrics.json")},
+    ]}}}  # fmt: skip
+    result = run_page(tmp_path, spec)
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert page.startswith("# Results\nprose\n<!-- table:t -->\n") and page.endswith("<!-- /table:t -->\nmore prose\n")
+    assert "old" not in page
+    grpo = next(line for line in page.splitlines() if line.startswith("| GRPO |"))
+    # NDCG@10 of 0.1 / 0.2 / 0.3: mean 0.2, sample std 0.1; 3 seeds; cost columns from metrics and manifest
+    assert "| 3 |" in grpo and "0.2000 ± 0.1000" in grpo and grpo.endswith("| 1,000 | 12 | 321 |")
+    sasrec = next(line for line in page.splitlines() if line.startswith("| SASRec |"))
+    assert "| 1 |" in sasrec and "0.0500" in sasrec and sasrec.endswith("| 7 | - | - |")
+    assert "| absent | missing:" in page and "no metrics for 'absent'" in result.stderr
+    assert "rlrec baseline sasrec" in page and "test split (50 rows)" in page
+    assert (tmp_path / "docs" / "img" / "results_t.png").stat().st_size > 1000
+
+
+def test_a_table_refuses_to_mix_protocols(tmp_path):
+    write_stage(tmp_path / "runs" / "a" / "sft", 0.1)
+    write_stage(tmp_path / "runs" / "b" / "sft", 0.1, protocol={**PROTOCOL, "split_method": "temporal"})
+    spec = {"tables": {"t": {"rows": [{"label": "a", "metrics": str(tmp_path / "runs/a/sft/metrics.json")},
+                                      {"label": "b", "metrics": str(tmp_path / "runs/b/sft/metrics.json")}]}}}  # fmt: skip
+    result = run_page(tmp_path, spec)
+    assert result.returncode != 0 and "has protocol" in result.stderr and "temporal" in result.stderr
+
+
+def test_shipped_spec_names_only_recipes_that_exist():
+    spec = yaml.safe_load((REPO / "bench/results.yaml").read_text())
+    doc = (REPO / "docs/results.md").read_text()
+    for name, table in spec["tables"].items():
+        assert f"<!-- table:{name} -->" in doc and f"<!-- /table:{name} -->" in doc
+        for row in table["rows"]:
+            assert row["label"] and row["metrics"]
+            for word in row.get("command", "").split():
+                if word.startswith("recipes/") or word.startswith("rewards/"):
+                    assert (REPO / word).is_file(), f"{row['label']}: {word} does not exist"
