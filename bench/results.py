@@ -104,7 +104,8 @@ def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
     if protocol:
         lines.append("")
         lines.append(f"Protocol: {protocol['split_method']}, history <= {protocol['max_history']}, test split "
-                     f"({protocol['test_users']:,} rows), {protocol['candidates']} ({protocol['num_items']:,} items).")  # fmt: skip
+                     f"({protocol['test_users']:,} rows), {protocol['candidates']} "
+                     f"({protocol['num_items']:,} items).")  # fmt: skip
     commands = [row["command"] for row in spec["rows"] if row.get("command")]
     if commands:
         lines += ["", "```bash", *commands, "```"]

@@ -10,8 +10,10 @@ read with `os.wait4`):
 the embedding and output-layer size), a from-scratch Llama (hidden 128, 2 layers), batch 64, one thread. It varies
 the catalogue (1,000 / 4,000 / 16,000 items at history 10) and the history length (5 / 10 / 20 items at 4,000 items).
 Each point reports seconds per training step (TRL's `train_runtime / steps`), the setup before the first step
-(building the tokenizer and model, tokenising: `train_seconds - train_runtime`), the evaluation's seconds per 100 users (constrained beam 20 over the full catalogue), and the process's peak
-RSS; the ratio column is against the named baseline point (catalogue 1,000 or history 5) run in the same process.
+(building the tokenizer and model, tokenising: `train_seconds - train_runtime`), the evaluation's seconds per 100
+users (constrained beam 20 over the full catalogue) and the process's peak RSS; the ratio columns are against the
+named baseline point (catalogue 1,000 for the catalogue sweep, history 5 for the history sweep), run in the same
+invocation.
 
 `size`: the MovieLens-100K SFT recipe (`recipes/movielens-100k/sft_id.yaml`, leave-one-out, full catalogue of 1,682
 items) at three model sizes (hidden 64 / 128 / 256, 2 layers), the same data, epochs and learning rate, test split.
@@ -54,16 +56,30 @@ def cost_recipe(out: Path, items: int, history: int, steps: int) -> dict:
         "output_dir": str(out),
         "seed": 0,
         "data": {
-            "source": {"format": "synthetic",
-                       "synthetic": {"num_users": 2000, "num_items": items, "num_categories": 20,
-                                     "min_length": history + 3, "max_length": history + 8}},  # fmt: skip
+            "source": {
+                "format": "synthetic",
+                "synthetic": {
+                    "num_users": 2000,
+                    "num_items": items,
+                    "num_categories": 20,
+                    "min_length": history + 3,
+                    "max_length": history + 8,
+                },
+            },  # fmt: skip
             "split": {"method": "leave_one_out", "max_history": history},
             "prompt": {"identifier": "id", "template": "History: {history}", "separator": " "},
         },
         "sft": {
             "model": {"hidden_size": 128, "layers": 2, "heads": 4},
-            "train": {"max_steps": steps, "learning_rate": 0.003, "batch_size": 64, "logging_steps": 10,
-                      "save_steps": 10_000, "threads": 1, "report_to": []},  # fmt: skip
+            "train": {
+                "max_steps": steps,
+                "learning_rate": 0.003,
+                "batch_size": 64,
+                "logging_steps": 10,
+                "save_steps": 10_000,
+                "threads": 1,
+                "report_to": [],
+            },  # fmt: skip
             "max_length": 256,
             "eval_splits": ["test"],
             "eval_max_users": 100,
@@ -126,8 +142,8 @@ def size(epochs: float, out: Path) -> list[dict]:
 
 def markdown(kind: str, rows: list[dict]) -> str:
     if kind == "cost":
-        lines = ["| catalogue | history | parameters | s / step | ratio | setup s | eval s / 100 users | ratio | peak RSS (MB) |",
-                 "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines = ["| catalogue | history | parameters | s / step | ratio | setup s | eval s / 100 users | ratio "
+                 "| peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in rows:
             # baseline: the smallest catalogue for the catalogue sweep, the shortest history for the history sweep
             base = rows[0] if row["history"] == 10 else next(r for r in rows if r["history"] == min(HISTORIES))

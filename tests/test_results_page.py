@@ -74,8 +74,8 @@ def test_table_is_mean_and_std_over_the_seed_files(tmp_path):
 def test_a_table_refuses_to_mix_protocols(tmp_path):
     write_stage(tmp_path / "runs" / "a" / "sft", 0.1)
     write_stage(tmp_path / "runs" / "b" / "sft", 0.1, protocol={**PROTOCOL, "split_method": "temporal"})
-    spec = {"tables": {"t": {"rows": [{"label": "a", "metrics": str(tmp_path / "runs/a/sft/metrics.json")},
-                                      {"label": "b", "metrics": str(tmp_path / "runs/b/sft/metrics.json")}]}}}  # fmt: skip
+    rows = [{"label": x, "metrics": str(tmp_path / f"runs/{x}/sft/metrics.json")} for x in ("a", "b")]
+    spec = {"tables": {"t": {"rows": rows}}}
     result = run_page(tmp_path, spec)
     assert result.returncode != 0 and "has protocol" in result.stderr and "temporal" in result.stderr
 
