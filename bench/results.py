@@ -7,7 +7,9 @@ globs under the repo) and the command that produced them. This script reads ever
 different protocols (split, history cap, catalogue, test users) in one table, and writes each table as mean ± sample
 standard deviation over the files found, with the model size, training seconds and peak memory of the runs, between
 the markers `<!-- table:NAME -->` and `<!-- /table:NAME -->` of the doc (the prose around them is written by hand)
-and as `docs/img/results_NAME.png` (NDCG@10 per row with error bars). Nothing is typed in by hand: a row whose files
+and as `docs/img/results_NAME.png` (NDCG@10 per row with error bars). The scaling tables come from
+`docs/scaling.json` (bench/scaling.py) into the markers `table:scaling_cost` and
+`table:scaling_size` when the doc has them. Nothing is typed in by hand: a row whose files
 are missing is printed as missing, not filled in.
 
 The metrics are the evaluation harness's (docs/evaluation.md): HR@K, NDCG@K, MRR@10 over the full catalogue,
@@ -153,6 +155,17 @@ def main() -> None:
         if table_spec.get("plot", True) and summary:
             plot(name, table_spec.get("title", name), summary, doc_path.parent / "img" / f"results_{name}.png")
         print(f"{name}: {len(summary)} rows")
+    scaling_record = REPO / "docs/scaling.json"  # written by bench/scaling.py
+    if scaling_record.is_file():
+        sys.path.insert(0, str(REPO / "bench"))
+        from scaling import markdown
+
+        for kind, record in json.loads(scaling_record.read_text()).items():
+            if f"<!-- table:scaling_{kind} -->" not in doc:
+                continue
+            text = markdown(kind, record["rows"]) + f"\n\n```bash\n{record['command']}\n```"
+            doc = fill(doc, f"scaling_{kind}", text)  # markers <!-- table:scaling_cost --> etc.
+            print(f"scaling_{kind}: {len(record['rows'])} rows")
     doc_path.write_text(doc)
 
 

@@ -118,7 +118,7 @@ def table(base_metrics: dict, results: dict, seeds: list[int], reference: str) -
         stats = cell["summary"]
         kept = ", ".join(str(s) for s in cell["saved_steps"])
         diff = "reference" if name == reference else f"{cell['diff_vs_reference']['ndcg@10']:+.4f}"
-        lines.append(f"| {name} ({cell['stage'].upper()}, {len(seeds)} seeds) | "
+        lines.append(f"| {name} ({cell['method']}, {len(seeds)} seeds) | "
                      + " | ".join(f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" for m in metrics)
                      + f" | {diff} | {kept} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -275,8 +275,10 @@ def collect(base: Recipe, grid: AblationGrid, out: Path) -> dict:
                          "saved_step": training["saved_step"], "global_step": training["global_step"],
                          "reward_curve": reward_curve(cell_dir / stage / "train_log.jsonl")})  # fmt: skip
         rewards = grid.reward_sets.get(name) or (training.get("rewards", {}) if stage == "grpo" else {})
+        method = "GRPO" if stage == "grpo" else {"dpo": "DPO", "sdpo": "S-DPO"}[training["loss"]]
         results[name] = {
-            "stage": stage, "rewards": rewards, "runs": runs, "saved_steps": [r["saved_step"] for r in runs],
+            "stage": stage, "method": method, "rewards": rewards, "runs": runs,
+            "saved_steps": [r["saved_step"] for r in runs],
             "summary": {m: summarise([r["metrics"][m] for r in runs]) for m in METRICS if m in runs[0]["metrics"]},
         }  # fmt: skip
     reference = reference_set(grid)
