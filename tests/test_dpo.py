@@ -129,8 +129,10 @@ def read_log(path) -> list[dict]:
 
 def test_sdpo_iterative_rounds_change_the_model(shared_data, sft_run, tmp_path):
     """Two S-DPO rounds with a new LoRA adapter on the full SFT model: the second round mines its negatives with
-    the first round's model and trains against it (TRL's "ref" copy of the adapter, identifier rows included)."""
-    raw = dpo_recipe(shared_data, sft_run, tmp_path, loss="sdpo", rounds=2, finetune="lora", lora={"r": 4, "alpha": 8})
+    the first round's model and trains against it (TRL's "ref" copy of the adapter, identifier rows included).
+    With `sft_weight` the target's per-token NLL is added to the S-DPO loss (RPO)."""
+    raw = dpo_recipe(shared_data, sft_run, tmp_path, loss="sdpo", rounds=2, finetune="lora", lora={"r": 4, "alpha": 8},
+                     sft_weight=0.5)  # fmt: skip
     recipe = from_dict(Recipe, raw)
     metrics = run_dpo(recipe)
     out = recipe.stage_dir("dpo")
@@ -148,7 +150,9 @@ def test_sdpo_iterative_rounds_change_the_model(shared_data, sft_run, tmp_path):
         first = next(row for row in log if "rewards/chosen" in row)
         # the first step's forward runs before any update: policy and reference agree exactly
         assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
-        assert math.isclose(first["loss"], math.log(1 + 3), rel_tol=1e-4)  # -log sigmoid(-log K), K = 3
+        # -log sigmoid(-log K) with K = 3 negatives, plus 0.5 x the target's NLL per token (logged on its own)
+        assert 0.0 < first["sft/nll_chosen"] < 20.0
+        assert math.isclose(first["loss"], math.log(1 + 3) + 0.5 * first["sft/nll_chosen"], rel_tol=1e-4)
     assert {row["round"] for row in read_log(out / "train_log.jsonl")} == {1, 2}
     round_one = json.loads((out / "round-1" / "round.json").read_text())
     assert round_one["saved_step"] == 2
@@ -161,7 +165,7 @@ def test_sdpo_iterative_rounds_change_the_model(shared_data, sft_run, tmp_path):
 
 
 def test_pairwise_dpo_changes_the_full_model(shared_data, sft_run, tmp_path):
-    recipe = from_dict(Recipe, dpo_recipe(shared_data, sft_run, tmp_path, loss="dpo"))
+    recipe = from_dict(Recipe, dpo_recipe(shared_data, sft_run, tmp_path, loss="dpo", sft_weight=0.1))
     metrics = run_dpo(recipe)
     out = recipe.stage_dir("dpo")
     training = metrics["training"]
@@ -169,7 +173,10 @@ def test_pairwise_dpo_changes_the_full_model(shared_data, sft_run, tmp_path):
     assert changed_parameters(recipe.stage_dir("sft") / "model", out / "model") >= 5
     log = read_log(out / "round-1" / "train_log.jsonl")
     first = next(row for row in log if "rewards/chosen" in row)
-    assert first["rewards/margins"] == 0.0 and math.isclose(first["loss"], math.log(2), rel_tol=1e-4)
+    # log 2 from the sigmoid loss at zero margin, plus 0.1 x the target's NLL per token (TRL's `sft` loss type)
+    nll_per_token = -first["logps/chosen"] / 5  # 4 semantic-ID tokens (rqvae_zcr index) and the stop token per item
+    assert first["rewards/margins"] == 0.0
+    assert math.isclose(first["loss"], math.log(2) + 0.1 * nll_per_token, rel_tol=1e-3)
     from rlrec.publish import publish
 
     card = (publish(out, "someone/tiny-dpo", dry_run=True, out=tmp_path / "pub") / "README.md").read_text()
@@ -201,6 +208,10 @@ def test_config_rejects_nonsense():
         NegativesConfig(hard=0)
     with pytest.raises(ConfigError, match="S-DPO has its own loss"):
         DPOStageConfig(loss="sdpo", dpo_loss_type=["ipo"])
+    with pytest.raises(ConfigError, match="use dpo.sft_weight"):
+        DPOStageConfig(loss="dpo", dpo_loss_type=["sigmoid", "sft"])
+    with pytest.raises(ConfigError, match="sft_weight must be >= 0"):
+        DPOStageConfig(sft_weight=-1.0)
     with pytest.raises(ConfigError):
         from_dict(Recipe, {"name": "x", "dpo": {"negative": {"hard": 1}}})
 

@@ -94,6 +94,10 @@ class DPOStageConfig:
     loss: Literal["dpo", "sdpo"] = "sdpo"
     dpo_loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # TRL's loss types, for loss: dpo
     beta: float = 0.1
+    # weight of the target's negative log-likelihood (mean per token) added to the preference loss: RPO (Pang et
+    # al. 2024, "Iterative Reasoning Preference Optimization"), TRL's `sft` loss type. Keeps the target's own
+    # probability from falling with its negatives' (likelihood displacement), which costs ranking quality.
+    sft_weight: float = 0.0
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     rounds: int = 1  # > 1: iterative, hard negatives re-mined from each round's model
     train_rows: Literal["all", "last"] = "last"  # all training prefixes, or each user's most recent one
@@ -106,6 +110,10 @@ class DPOStageConfig:
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
+        if self.sft_weight < 0:
+            raise ConfigError("dpo.sft_weight must be >= 0")
+        if "sft" in self.dpo_loss_type:
+            raise ConfigError("dpo.dpo_loss_type: use dpo.sft_weight for the SFT term")
         if self.rounds < 1:
             raise ConfigError("dpo.rounds must be >= 1")
         if not self.dpo_loss_type:
@@ -266,7 +274,10 @@ def train_round(recipe: Recipe, config: DPOStageConfig, data: RunData, init: Pat
     dataset = tokenize_preferences(records, tokenizer, trie, pairwise=not sdpo)
     kwargs = training_arguments(config.train, out, recipe.seed)
     kwargs.pop("train_sampling_strategy")  # length grouping reads input_ids; preference rows hold prompt_ids
-    args = DPOConfig(**kwargs, beta=config.beta, loss_type=config.dpo_loss_type, max_length=None,
+    loss_types, loss_weights = list(config.dpo_loss_type), [1.0] * len(config.dpo_loss_type)
+    if config.sft_weight and not sdpo:  # pairwise: TRL's own `sft` term; S-DPO adds it in PreferenceTrainer
+        loss_types, loss_weights = [*loss_types, "sft"], [*loss_weights, config.sft_weight]
+    args = DPOConfig(**kwargs, beta=config.beta, loss_type=loss_types, loss_weights=loss_weights, max_length=None,
                      precompute_ref_log_probs=False)  # fmt: skip
     # A full model trains against a frozen copy of itself as loaded; an adapter against TRL's "ref" adapter copy.
     ref_model = None
@@ -279,7 +290,7 @@ def train_round(recipe: Recipe, config: DPOStageConfig, data: RunData, init: Pat
         trainer = PreferenceTrainer(
             model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
             peft_config=policy.peft_config, data_collator=MultiNegativeCollator(pad_id) if sdpo else None,
-            num_negatives=config.negatives.total if sdpo else None,
+            num_negatives=config.negatives.total if sdpo else None, sft_weight=config.sft_weight,
         )  # fmt: skip
     except ValueError as err:
         raise RlrecError(f"cannot set up DPO: {err}") from None

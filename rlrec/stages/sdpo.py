@@ -62,8 +62,9 @@ class MultiNegativeCollator:
 class PreferenceTrainer(DPOTrainer):
     """`DPOTrainer` on pre-tokenised preference rows; `num_negatives` set switches the loss to S-DPO."""
 
-    def __init__(self, *args, num_negatives: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, num_negatives: int | None = None, sft_weight: float = 0.0, **kwargs) -> None:
         self.num_negatives = num_negatives
+        self.sft_weight = sft_weight  # S-DPO only (pairwise DPO uses TRL's own `sft` loss type)
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -83,6 +84,11 @@ class PreferenceTrainer(DPOTrainer):
         ratios = (logps - ref_logps).view(self.num_negatives + 1, -1)  # [K + 1, B]
         chosen, rejected = ratios[0], ratios[1:].T
         loss = sdpo_loss(chosen, rejected, self.beta).mean()
+        if self.sft_weight:  # the target's NLL per token, as TRL's `sft` loss type computes it for pairwise DPO
+            batch = chosen.size(0)
+            nll = -outputs.log_probs[:batch].sum() / inputs["completion_mask"][:batch].sum()
+            loss = loss + self.sft_weight * nll
+            self._metrics[mode]["sft/nll_chosen"].append(self.accelerator.gather(nll.detach()).mean().item())
 
         # TRL's DPO log keys, with the K negatives of a prompt pooled
         chosen_rewards, rejected_rewards = self.beta * chosen.detach(), self.beta * rejected.detach()
