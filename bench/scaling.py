@@ -4,7 +4,7 @@ Two measurements, each point a real `rlrec` run in its own subprocess (its peak 
 read with `os.wait4`):
 
     python bench/scaling.py cost  [--steps 40]      # training time and peak memory per point
-    python bench/scaling.py size  [--epochs 4]      # test NDCG@10 per model size on MovieLens-100K
+    python bench/scaling.py size  [--epochs 2] [--hidden 64 128 256]   # test NDCG@10 per model size, MovieLens-100K
 
 `cost`: SFT steps on the synthetic default with item-id identifiers (one new token per item, so the catalogue sets
 the embedding and output-layer size), a from-scratch Llama (hidden 128, 2 layers), batch 64, one thread. It varies
@@ -16,7 +16,9 @@ named baseline point (catalogue 1,000 for the catalogue sweep, history 5 for the
 invocation.
 
 `size`: the MovieLens-100K SFT recipe (`recipes/movielens-100k/sft_id.yaml`, leave-one-out, full catalogue of 1,682
-items) at three model sizes (hidden 64 / 128 / 256, 2 layers), the same data, epochs and learning rate, test split.
+items) at several model sizes (hidden 64 / 128 / 256 by default, 2 layers), the same data, epochs and learning
+rate, test split. A size whose run already finished under the same `--out` is read back (its manifest's wall time and peak
+memory), so an interrupted sweep resumes.
 Results go to `docs/scaling.json` (and are printed as Markdown); docs/results.md records them with the command.
 """
 
@@ -36,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUES = (1000, 4000, 16000)
 HISTORIES = (5, 10, 20)
-SIZES = ((64, 2), (128, 2), (256, 2))
+HIDDEN = (64, 128, 256)  # hidden sizes of the `size` sweep, 2 layers each
 
 
 def run(args: list[str], log: Path) -> tuple[float, float]:
@@ -110,11 +112,11 @@ def cost(steps: int, out: Path) -> list[dict]:
     return rows
 
 
-def size(epochs: float, out: Path) -> list[dict]:
+def size(epochs: float, out: Path, hidden_sizes=HIDDEN, layers: int = 2) -> list[dict]:
     base = yaml.safe_load((REPO / "recipes/movielens-100k/sft_id.yaml").read_text())
     base["data"]["source"]["path"] = str(REPO / base["data"]["source"]["path"])
     rows = []
-    for hidden, layers in SIZES:
+    for hidden in hidden_sizes:
         recipe = json.loads(json.dumps(base))
         recipe.update(name=f"size-h{hidden}-l{layers}", output_dir=str(out))
         recipe["sft"]["model"] = {"hidden_size": hidden, "layers": layers, "heads": 4}
@@ -129,8 +131,13 @@ def size(epochs: float, out: Path) -> list[dict]:
             (out / recipe["name"]).mkdir(exist_ok=True)
             if not (out / recipe["name"] / "data").exists():
                 os.symlink(shared_data, out / recipe["name"] / "data")
-        wall, peak = run(["sft", "--config", str(path)], out / "log.txt")
-        metrics = json.loads((out / recipe["name"] / "sft" / "metrics.json").read_text())
+        stage = out / recipe["name"] / "sft"
+        if (stage / "metrics.json").is_file():  # measured by an earlier invocation with the same --out: reuse
+            manifest = json.loads((stage / "manifest.json").read_text())
+            wall, peak = manifest["wall_time_s"], manifest["peak_rss_mb"]
+        else:
+            wall, peak = run(["sft", "--config", str(path)], out / "log.txt")
+        metrics = json.loads((stage / "metrics.json").read_text())
         test = metrics["test"]["metrics"]
         rows.append({"hidden": hidden, "layers": layers, "parameters": metrics["training"]["parameters"],
                      "epochs": epochs, "ndcg@10": test["ndcg@10"], "hr@10": test["hr@10"],
@@ -167,13 +174,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["cost", "size"])
     parser.add_argument("--steps", type=int, default=40, help="cost: SFT steps per point")
-    parser.add_argument("--epochs", type=float, default=4, help="size: SFT epochs per model size")
+    parser.add_argument("--epochs", type=float, default=2, help="size: SFT epochs per model size")
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN), help="size: hidden sizes (2 layers)")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--record", default=str(REPO / "docs/scaling.json"))
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix=f"rlrec-scaling-{args.kind}-"))
     out.mkdir(parents=True, exist_ok=True)
-    rows = cost(args.steps, out) if args.kind == "cost" else size(args.epochs, out)
+    rows = cost(args.steps, out) if args.kind == "cost" else size(args.epochs, out, args.hidden)
     print(markdown(args.kind, rows))
     record = Path(args.record)
     results = json.loads(record.read_text()) if record.is_file() else {}
