@@ -17,8 +17,8 @@ invocation.
 
 `size`: the MovieLens-100K SFT recipe (`recipes/movielens-100k/sft_id.yaml`, leave-one-out, full catalogue of 1,682
 items) at several model sizes (hidden 64 / 128 / 256 by default, 2 layers), the same data, epochs and learning
-rate, test split. A size whose run already finished under the same `--out` is read back (its manifest's wall time and peak
-memory), so an interrupted sweep resumes.
+rate, test split. A size whose run already finished under the same `--out` is read back (its manifest's wall time
+and peak memory), so an interrupted sweep resumes.
 Results go to `docs/scaling.json` (and are printed as Markdown); docs/results.md records them with the command.
 """
 
