@@ -126,10 +126,11 @@ def size(epochs: float, out: Path, hidden_sizes=HIDDEN, layers: int = 2) -> list
         path.write_text(yaml.safe_dump(recipe))
         if not rows:
             run(["data", "prepare", "--config", str(path)], out / "log.txt")
-            shared_data = out / recipe["name"] / "data"
+            shared_data = (out / recipe["name"] / "data").resolve()  # absolute: the link lives one folder deeper
         else:  # same prepared data for every size
             (out / recipe["name"]).mkdir(exist_ok=True)
             if not (out / recipe["name"] / "data").exists():
+                (out / recipe["name"] / "data").unlink(missing_ok=True)  # a dangling link from an older run
                 os.symlink(shared_data, out / recipe["name"] / "data")
         stage = out / recipe["name"] / "sft"
         if (stage / "metrics.json").is_file():  # measured by an earlier invocation with the same --out: reuse
