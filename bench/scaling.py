@@ -4,7 +4,7 @@ Two measurements, each point a real `rlrec` run in its own subprocess (its peak 
 read with `os.wait4`):
 
     python bench/scaling.py cost  [--steps 40]      # training time and peak memory per point
-    python bench/scaling.py size  [--epochs 2] [--hidden 64 128 256]   # test NDCG@10 per model size, MovieLens-100K
+    python bench/scaling.py size  [--epochs 2] [--hidden 16 32 64 128]   # test NDCG@10 per model size, MovieLens-100K
 
 `cost`: SFT steps on the synthetic default with item-id identifiers (one new token per item, so the catalogue sets
 the embedding and output-layer size), a from-scratch Llama (hidden 128, 2 layers), batch 64, one thread. It varies
@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUES = (1000, 4000, 16000)
 HISTORIES = (5, 10, 20)
-HIDDEN = (64, 128, 256)  # hidden sizes of the `size` sweep, 2 layers each
+HIDDEN = (16, 32, 64, 128)  # hidden sizes of the `size` sweep, 2 layers each
 
 
 def run(args: list[str], log: Path) -> tuple[float, float]:
@@ -145,7 +145,7 @@ def size(epochs: float, out: Path, hidden_sizes=HIDDEN, layers: int = 2) -> list
                      "train_seconds": metrics["training"]["train_seconds"], "peak_rss_mb": round(peak),
                      "wall_seconds": round(wall, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return sorted(rows, key=lambda row: row["parameters"])
 
 
 def markdown(kind: str, rows: list[dict]) -> str:
