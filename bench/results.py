@@ -25,6 +25,7 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -122,12 +123,11 @@ def plot(name: str, title: str, summary: list[dict], out: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(summary) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(summary) + 1.5), layout="constrained")
     labels = [s["label"] for s in summary][::-1]
     ax.barh(labels, [s["ndcg@10"] for s in summary][::-1], xerr=[s["std"] for s in summary][::-1], color="#4c72b0")
     ax.set_xlabel("test NDCG@10 (mean ± std over seeds)")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, 90), fontsize=10)  # over the whole figure: long row labels push the axes right
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -151,9 +151,11 @@ def main() -> None:
     doc = doc_path.read_text()
     for name, table_spec in spec["tables"].items():
         text, summary = build_table(name, table_spec)
+        image = doc_path.parent / "img" / f"results_{name}.png"
+        title = table_spec.get("title", name)
+        if table_spec.get("plot", True) and summary and plot(name, title, summary, image):
+            text += f"\n\n![{title}: test NDCG@10 per row, mean ± std over seeds](img/{image.name})"
         doc = fill(doc, name, text)
-        if table_spec.get("plot", True) and summary:
-            plot(name, table_spec.get("title", name), summary, doc_path.parent / "img" / f"results_{name}.png")
         print(f"{name}: {len(summary)} rows")
     scaling_record = REPO / "docs/scaling.json"  # written by bench/scaling.py
     if scaling_record.is_file():

@@ -69,6 +69,7 @@ def test_table_is_mean_and_std_over_the_seed_files(tmp_path):
     assert "| absent | missing:" in page and "no metrics for 'absent'" in result.stderr
     assert "rlrec baseline sasrec" in page and "test split (50 rows)" in page
     assert (tmp_path / "docs" / "img" / "results_t.png").stat().st_size > 1000
+    assert "](img/results_t.png)" in page  # the page shows the plot it wrote, inside the table's markers
 
 
 def test_a_table_refuses_to_mix_protocols(tmp_path):
