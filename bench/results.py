@@ -115,7 +115,7 @@ def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
     return "\n".join(lines), summary
 
 
-def plot(name: str, title: str, summary: list[dict], out: Path) -> bool:
+def plot(title: str, summary: list[dict], out: Path) -> bool:
     try:
         import matplotlib
 
@@ -153,7 +153,7 @@ def main() -> None:
         text, summary = build_table(name, table_spec)
         image = doc_path.parent / "img" / f"results_{name}.png"
         title = table_spec.get("title", name)
-        if table_spec.get("plot", True) and summary and plot(name, title, summary, image):
+        if table_spec.get("plot", True) and summary and plot(title, summary, image):
             text += f"\n\n![{title}: test NDCG@10 per row, mean ± std over seeds](img/{image.name})"
         doc = fill(doc, name, text)
         print(f"{name}: {len(summary)} rows")
