@@ -21,14 +21,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/rlrec pipeline --config recipes/quickstart.yaml
 
+# The fast tier: every test not marked `slow` (each slow test says why in its marker).
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" --durations=12
 
+# Everything, the slow tier included: what CI runs (.ci/run).
 test-all: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 lint: install
 	$(BIN)/ruff check rlrec tests bench
+	$(BIN)/ruff format --check rlrec tests bench
+	$(BIN)/lint-imports
 
 # Re-freeze the exact pins from the current venv (after a deliberate upgrade).
 constraints:

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from rlrec.data.lcrec import read_index
 from rlrec.decoding import ItemTrie, items_from_generations, recommend
 from rlrec.decoding.beam import encode_prompts, left_pad
+from rlrec.items.index import read_index
 from rlrec.models import build_tokenizer, tiny_llama
 
 TEMPLATE = "The user interacted with these items in order: {history}. Which item will the user interact with next?"

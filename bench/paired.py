@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from rlrec.baselines import most_popular_lists
+from rlrec.data.prepared import load_run_data
 from rlrec.decoding import ItemTrie, recommend
-from rlrec.evaluate import load_run_data
 from rlrec.metrics import hit_at_k, ndcg_at_k, paired_bootstrap, rank_of
 from rlrec.models import load_model
 

@@ -36,6 +36,7 @@ import yaml
 
 from rlrec.config import dump_config, load_config, merge, to_dict
 from rlrec.errors import ConfigError, RlrecError
+from rlrec.pipeline import run_pipeline
 from rlrec.recipe import Recipe
 
 METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "coverage@10")
@@ -196,8 +197,6 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
     for stage in {grid.stage(name) for name in grid.names}:
         base.section(stage)
     if not (base.stage_dir("sft") / "model").is_dir():
-        from rlrec.pipeline import run_pipeline
-
         print(f"rlrec ablate: no SFT model in {base.stage_dir('sft')}; running the pipeline up to SFT", flush=True)
         run_pipeline(base, until="sft")
     out = base.run_dir / "ablations" / Path(grid_path).stem

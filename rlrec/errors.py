@@ -16,13 +16,3 @@ class ConfigError(RlrecError, ValueError):
 
 class DataError(RlrecError, ValueError):
     """An input data file that cannot be read as promised; the message names the file and line or key."""
-
-
-def where(path: object, line: int | None = None, key: str | None = None) -> str:
-    """Format a location prefix such as ``u.data:17`` or ``Scientific.inter.json [user 42]``."""
-    text = str(path)
-    if line is not None:
-        text += f":{line}"
-    if key is not None:
-        text += f" [{key}]"
-    return text

@@ -1,6 +1,7 @@
-"""Ranking metrics, pure functions over lists: the same code scores evaluation and the RL rewards.
+"""Ranking metrics, pure functions over lists: evaluation and the rank-aware RL rewards (`rlrec.rewards`: ndcg,
+rank_penalty) both discount by `discount`, so what GRPO is trained on is what `rlrec eval` reports.
 
-Protocol (../shared/notes/evaluation-protocol.md): one target per user, full-catalogue ranking, rank r from 1.
+Protocol (docs/evaluation.md): one target per user, full-catalogue ranking, rank r from 1.
     HR@K   = 1[r <= K]                    (= Recall@K with one target)
     NDCG@K = 1 / log2(r + 1)  if r <= K   (the ideal DCG of one relevant item is 1)
     MRR@K  = 1 / r            if r <= K
@@ -28,12 +29,17 @@ def rank_of(target: str, ranked: Sequence[str]) -> int | None:
     return None
 
 
+def discount(rank: int) -> float:
+    """The DCG discount of a 1-based rank: 1 / log2(rank + 1)."""
+    return 1.0 / math.log2(rank + 1)
+
+
 def hit_at_k(rank: int | None, k: int) -> float:
     return 1.0 if rank is not None and rank <= k else 0.0
 
 
 def ndcg_at_k(rank: int | None, k: int) -> float:
-    return 1.0 / math.log2(rank + 1) if rank is not None and rank <= k else 0.0
+    return discount(rank) if rank is not None and rank <= k else 0.0
 
 
 def mrr_at_k(rank: int | None, k: int) -> float:

@@ -5,24 +5,25 @@ No weights can be downloaded here, so tests, the demo and CPU benchmarks build a
   identifiers, with every semantic-ID code as one added token, eos/pad/unk, and a chat template whose assistant
   turn is wrapped in `{% generation %}` (TRL's `assistant_only_loss` needs it);
 - `tiny_llama(tokenizer, ...)`: a Llama-architecture `LlamaForCausalLM` from a config (Llama, not Qwen2: with a
-  Qwen2 config `AutoTokenizer` silently ignores a custom tokenizer.json, see ../shared/notes/toolchain.md).
+  Qwen2 config transformers 5's `AutoTokenizer` silently ignores a custom tokenizer.json and builds a
+  `Qwen2Tokenizer`, because "qwen2" is in its `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlrec.errors import ConfigError, RlrecError
+from rlrec.errors import RlrecError
+from rlrec.items.index import CODE_IN_TEXT, identifier_codes
+from rlrec.items.tokens import add_code_tokens, resize_model
+from rlrec.schema import ModelConfig
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -35,7 +36,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
-CODE_TOKEN = re.compile(r"<[a-z]+_\d+>")
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -49,9 +49,9 @@ def build_tokenizer(texts: Iterable[str], extra_tokens: Iterable[str] = (), min_
     words: Counter = Counter()
     pre = _pre_tokenizer()
     for text in texts:
-        codes = CODE_TOKEN.findall(text)
+        codes = CODE_IN_TEXT.findall(text)
         extra.extend(c for c in codes if c not in extra)
-        words.update(w for w, _ in pre.pre_tokenize_str(CODE_TOKEN.sub(" ", text)))
+        words.update(w for w, _ in pre.pre_tokenize_str(CODE_IN_TEXT.sub(" ", text)))
     specials = [PAD, EOS, UNK, *ROLE_TOKENS]
     vocab = {token: i for i, token in enumerate(specials)}
     for word, count in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -92,27 +92,6 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
-@dataclass
-class ModelConfig:
-    """`path`: a local folder or hub id of a causal LM (the path real users take). Without it a Llama is built
-    from scratch with the sizes below and a tokenizer made from the run's texts."""
-
-    path: str | None = None
-    hidden_size: int = 128
-    layers: int = 2
-    heads: int = 4
-    intermediate_size: int | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.heads:
-            raise ConfigError("model.hidden_size must be divisible by model.heads")
-
-    @property
-    def from_scratch(self) -> bool:
-        return self.path is None
-
-
 def ensure_chat_template(tokenizer) -> None:
     """Give a tokenizer without a chat template ours (with generation tags); one without eos is an error."""
     if tokenizer.eos_token_id is None:
@@ -140,10 +119,7 @@ def _load_pretrained(path: str, dtype: str):
 def build_for_training(config: ModelConfig, identifiers: Mapping[str, str], texts: Iterable[str], seed: int):
     """(model, tokenizer, identifier token ids). Semantic-ID code tokens are added to the tokenizer and the
     embeddings resized; their ids are returned so that the stage can make exactly those rows trainable."""
-    from rlrec.items.index import CODE_IN_TEXT
-    from rlrec.items.tokens import add_code_tokens, resize_model
-
-    codes = sorted({c for text in identifiers.values() for c in CODE_IN_TEXT.findall(text)})
+    codes = identifier_codes(identifiers)
     if config.from_scratch:
         tokenizer = build_tokenizer([*texts, *identifiers.values()], codes)
         model = tiny_llama(tokenizer, config.hidden_size, config.layers, config.heads, config.intermediate_size,

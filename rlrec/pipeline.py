@@ -2,12 +2,12 @@
 
     rlrec pipeline --config recipes/quickstart.yaml [--sft.train.epochs 2 ...]
 
-Stages run in a fixed order, each in its own folder of `runs/<name>/`:
+Stages run in the one order of `rlrec.recipe.STAGES`, each in its own folder of `runs/<name>/`:
 items (when the recipe has an `items` section) -> data -> most_popular -> sasrec (when `sasrec`) -> sft -> grpo ->
-dpo (each when its section exists) -> eval. Data, items, baselines and eval run in this process; the training
-stages (sft, grpo, dpo) run as `accelerate launch --config_file <pipeline.accelerate_config> -m rlrec.stages.<x>`
-subprocesses on the resolved recipe (`runs/<name>/recipe.yaml`), so one recipe scales from a CPU to N GPUs by
-changing one line.
+dpo (each when its section exists) -> eval. Each stage is the module `rlrec.stages.<stage>` and its `run(recipe)`.
+Data, items, baselines and eval run in this process; the training stages (sft, grpo, dpo) run as
+`accelerate launch --config_file <pipeline.accelerate_config> -m rlrec.stages.<x>` subprocesses on the resolved
+recipe (`runs/<name>/recipe.yaml`), so one recipe scales from a CPU to N GPUs by changing one line.
 
 Skipping and resuming (the make / DVC idea, with keys instead of timestamps): every stage has a key, the hash of
 the recipe sections it reads and of the keys of all stages before it. A finished stage records its key in its
@@ -20,69 +20,28 @@ At the end, `runs/<name>/summary.md` tabulates every stage's test HR@10 / NDCG@1
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from rlrec.config import dump_config, to_dict
 from rlrec.errors import ConfigError, RlrecError
+from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe
 
-Stage = Literal["items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "eval"]
-ORDER: tuple[str, ...] = ("items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "eval")
-TRAINING_STAGES = ("sft", "grpo", "dpo")
-# The recipe sections each stage reads: its key changes when one of them does.
-READS: dict[str, tuple[str, ...]] = {
-    "items": ("data", "items"),
-    "data": ("data", "items"),
-    "most_popular": ("eval",),
-    "sasrec": ("sasrec", "eval"),
-    "sft": ("sft", "eval"),
-    "grpo": ("grpo", "eval"),
-    "dpo": ("dpo", "eval"),
-    "eval": ("eval",),
-}
 KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
 
 
-@dataclass
-class PipelineConfig:
-    stages: list[Stage] | None = None  # default: every stage whose section the recipe has (see ORDER)
-    accelerate_config: str = "accelerate_configs/single.yaml"  # for the training stages
-    launcher: Literal["accelerate", "python"] = "accelerate"  # python: `python -m rlrec.stages.<x>`, no launcher
-
-    def __post_init__(self) -> None:
-        if self.stages is not None:
-            unknown = [s for s in self.stages if s not in ORDER]
-            if unknown:
-                raise ConfigError(f"pipeline.stages: unknown stage(s) {unknown}; choose from {list(ORDER)}")
-
-
-def planned_stages(recipe) -> list[str]:
-    config = recipe.pipeline or PipelineConfig()
-    if config.stages is not None:
-        wanted = set(config.stages)
-    else:
-        wanted = {"data", "most_popular", "eval"} | {s for s in ("items", "sasrec", "sft", "grpo", "dpo")
-                                                      if getattr(recipe, s, None) is not None}  # fmt: skip
-    stages = [s for s in ORDER if s in wanted]
-    for stage in stages:
-        if stage in ("items", "sasrec", *TRAINING_STAGES) and getattr(recipe, stage, None) is None:
-            raise ConfigError(f"pipeline.stages has '{stage}' but the recipe has no '{stage}' section")
-    return stages
-
-
-def stage_keys(recipe, stages: list[str]) -> dict[str, str]:
+def stage_keys(recipe: Recipe, stages: list[str]) -> dict[str, str]:
     """Chained keys: a stage's key covers its own sections, the seed, and every earlier stage's key."""
     keys: dict[str, str] = {}
     previous = ""
     for stage in stages:
-        sections = {name: to_dict(getattr(recipe, name, None)) for name in READS[stage]}
+        sections = {name: to_dict(getattr(recipe, name, None)) for name in STAGE[stage].reads}
         payload = json.dumps({"stage": stage, "seed": recipe.seed, "sections": sections, "previous": previous},
                              sort_keys=True, default=str)  # fmt: skip
         previous = keys[stage] = hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -125,34 +84,11 @@ def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
         raise RlrecError(f"stage {stage} failed (exit code {result.returncode}); rerun the pipeline to resume it")
 
 
-def _run_in_process(stage: str, recipe) -> None:
-    if stage == "items":
-        from rlrec.items.build import build
-
-        build(recipe)
-    elif stage == "data":
-        from rlrec.data.prepare import prepare
-
-        prepare(recipe)
-    elif stage == "most_popular":
-        from rlrec.stages.evaluate import run_most_popular
-
-        run_most_popular(recipe)
-    elif stage == "sasrec":
-        from rlrec.stages.evaluate import run_sasrec
-
-        run_sasrec(recipe)
-    elif stage == "eval":
-        from rlrec.stages.evaluate import run_eval
-
-        run_eval(recipe)
-
-
-def run_pipeline(recipe, until: str | None = None) -> str:
+def run_pipeline(recipe: Recipe, until: str | None = None) -> str:
     """Run (or skip, or resume) every planned stage (up to `until`, inclusive); return the summary table (also in
     runs/<name>/summary.md)."""
     config = recipe.pipeline or PipelineConfig()
-    stages = planned_stages(recipe)
+    stages = recipe.planned_stages()
     if until is not None:
         stages = [s for s in stages if ORDER.index(s) <= ORDER.index(until)]
     keys = stage_keys(recipe, stages)
@@ -179,10 +115,10 @@ def run_pipeline(recipe, until: str | None = None) -> str:
         (folder / KEY_FILE).write_text(keys[stage] + "\n")
         print(f"rlrec pipeline: {stage}: running", flush=True)
         stage_started = time.time()
-        if stage in TRAINING_STAGES:
+        if STAGE[stage].launched:
             _launch(stage, recipe_file, config)
         else:
-            _run_in_process(stage, recipe)
+            importlib.import_module(f"rlrec.stages.{stage}").run(recipe)
         _mark_done(folder, keys[stage], time.time() - stage_started)
     summary = summary_table(recipe, stages)
     (recipe.run_dir / "summary.md").write_text(summary, encoding="utf-8")
@@ -205,7 +141,7 @@ def _test_metrics(folder: Path) -> tuple[dict, dict] | None:
     return None
 
 
-def summary_table(recipe, stages: list[str]) -> str:
+def summary_table(recipe: Recipe, stages: list[str]) -> str:
     rows = []
     for stage in stages:
         if stage in ("items", "data", "eval"):

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 from datasets import Dataset, DatasetDict
 
-from rlrec.data.config import PromptConfig
 from rlrec.data.types import Sample
+from rlrec.schema import PromptConfig
 
 
 def render_history(history: tuple[str, ...] | list[str], identifiers: Mapping[str, str], config: PromptConfig) -> str:

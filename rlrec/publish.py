@@ -23,8 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from rlrec.config import load_config
 from rlrec.errors import RlrecError
 from rlrec.models import BASE_MODEL_DIR
+from rlrec.recipe import Recipe
 from rlrec.recommender import META_DIR
 
 CARD_METRICS = (("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10"), ("hr@1", "HR@1"),
@@ -77,16 +79,16 @@ def _base_model(out: Path) -> str | None:
 
 
 def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
-    recipe = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    recipe = load_config(Recipe, stage_dir / "config.yaml")  # the stage's resolved recipe, strictly typed
     metrics = json.loads((stage_dir / "metrics.json").read_text())
     catalog_size = sum(1 for _ in (out / META_DIR / "catalog.jsonl").open())
-    stage, run = stage_dir.name, recipe["name"]
+    stage, run = stage_dir.name, recipe.name
     protocol = metrics.get("protocol", {})
     test = (metrics.get("test") or {}).get("metrics", {})
     adapter = (out / "adapter_config.json").is_file()
-    identifier = recipe["data"]["prompt"]["identifier"]
-    source = recipe["data"]["source"]
-    dataset_name = Path(source.get("path") or source["format"]).name
+    data = recipe.section("data")
+    identifier, source = data.prompt.identifier, data.source
+    dataset_name = Path(source.path or source.format).name
     protocol_name = f"{protocol.get('split_method', '?')}, full catalogue of {protocol.get('num_items', '?')} items"
 
     base = _base_model(out)
@@ -100,7 +102,7 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
             "name": repo_id.split("/")[-1],
             "results": [{
                 "task": {"type": "text-generation", "name": "Sequential recommendation (next item)"},
-                "dataset": {"name": dataset_name, "type": source["format"], "split": "test"},
+                "dataset": {"name": dataset_name, "type": source.format, "split": "test"},
                 "metrics": [{"type": key, "value": test[key], "name": f"{label} ({protocol_name})"}
                             for key, label in CARD_METRICS if key in test],
             }],
@@ -109,17 +111,18 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
     stages = ["SFT (next item" + (", item alignment tasks" if _has_alignment(recipe) else "") + ")"]
     training = metrics.get("training", {})
     if stage == "grpo":
-        grpo = recipe["grpo"]
-        rewards = ", ".join(f"{name} x {weight:g}" for name, weight in grpo["rewards"].items())
-        stages.append(f"GRPO ({grpo['rollout']} rollouts, G={grpo['num_generations']}, rewards: {rewards}, "
+        grpo = recipe.section("grpo")
+        rewards = ", ".join(f"{name} x {weight:g}" for name, weight in grpo.rewards.items())
+        stages.append(f"GRPO ({grpo.rollout} rollouts, G={grpo.num_generations}, rewards: {rewards}, "
                       f"{training.get('global_step', '?')} steps, kept step {training.get('saved_step', '?')} "
                       "by the validation guard)")  # fmt: skip
     elif stage == "dpo":
-        dpo = recipe["dpo"]
-        negatives = ", ".join(f"{n} {source}" for source, n in dpo["negatives"].items()
-                              if source in ("hard", "history", "popular", "random") and n)  # fmt: skip
-        rounds = len(training.get("rounds", [])) or dpo.get("rounds", 1)
-        stages.append(f"{'S-DPO' if dpo['loss'] == 'sdpo' else 'DPO'} (beta {dpo['beta']:g}, negatives per prompt: "
+        dpo = recipe.section("dpo")
+        counts = {"hard": dpo.negatives.hard, "history": dpo.negatives.history, "popular": dpo.negatives.popular,
+                  "random": dpo.negatives.random}  # fmt: skip
+        negatives = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        rounds = len(training.get("rounds", [])) or dpo.rounds
+        stages.append(f"{'S-DPO' if dpo.loss == 'sdpo' else 'DPO'} (beta {dpo.beta:g}, negatives per prompt: "
                       f"{negatives}, {rounds} round{'s' if rounds > 1 else ''}, kept step "
                       f"{training.get('saved_step', '?')} of the last round by the validation guard)")  # fmt: skip
     model_text = "full model"
@@ -127,7 +130,7 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
         model_text = "LoRA adapter on " + (base or "a from-scratch base model (in `base_model/`)")
     if training.get("trainable_parameters"):
         model_text += f", {training['trainable_parameters']:,} trained parameters"
-    split = recipe["data"]["split"]
+    split = data.split
     users = (metrics.get("test") or {}).get("num_users", "?")
     loader = "`peft`" if adapter else "`transformers`"
     body = [
@@ -137,8 +140,8 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
         f"the next item as {_identifier_text(identifier)}. Decoding is constrained to the catalogue, so every "
         f"recommendation is one of the {catalog_size:,} items in `rlrec/catalog.jsonl`.",
         "",
-        f"- Data: `{dataset_name}` ({source['format']} format), histories truncated to the last "
-        f"{split.get('max_history')} items, split `{split['method']}`.",
+        f"- Data: `{dataset_name}` ({source.format} format), histories truncated to the last "
+        f"{split.max_history} items, split `{split.method}`.",
         f"- Model: {model_text}.",
         f"- Training stages: {' -> '.join(stages)}.",
         f"- Run `{run}`, stage `{stage}`; the resolved recipe is `rlrec/recipe.yaml`, inputs and versions in "
@@ -168,9 +171,8 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
 
 
-def _has_alignment(recipe: dict) -> bool:
-    tasks = (recipe.get("sft") or {}).get("tasks") or {}
-    return bool(tasks.get("title_to_sid") or tasks.get("sid_to_title"))
+def _has_alignment(recipe: Recipe) -> bool:
+    return recipe.sft is not None and bool(recipe.sft.tasks.title_to_sid or recipe.sft.tasks.sid_to_title)
 
 
 def _identifier_text(identifier: str) -> str:

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from rlrec.config import from_dict
+from rlrec.data.prepared import read_catalog
+from rlrec.decoding import ItemTrie, recommend
 from rlrec.errors import RlrecError
+from rlrec.models import load_model
+from rlrec.prompts import prompt_messages
+from rlrec.schema import DataConfig, EvalConfig
 
 META_DIR = "rlrec"  # the kit's files inside a published folder
 
@@ -28,14 +36,11 @@ class Recommender:
     metrics: dict  # the stage's metrics.json
 
     def __post_init__(self) -> None:
-        from rlrec.data.config import PromptConfig
-        from rlrec.decoding import ItemTrie
-        from rlrec.evaluate import EvalConfig
-
-        data = self.recipe.get("data") or {}
-        self.prompt = PromptConfig(**(data.get("prompt") or {}))
-        self.max_history = (data.get("split") or {}).get("max_history")
-        self.eval = EvalConfig(**(self.recipe.get("eval") or {}))
+        # The recipe's sections, parsed as strictly as the CLI parses them (a recipe from a newer rlrec fails here)
+        data = from_dict(DataConfig, self.recipe["data"])
+        self.prompt = data.prompt
+        self.max_history = data.split.max_history
+        self.eval = from_dict(EvalConfig, self.recipe.get("eval") or {})
         self.identifiers = {item["item_id"]: item["identifier"] for item in self.catalog}
         self.titles = {item["item_id"]: item["title"] for item in self.catalog}
         self.trie = ItemTrie.build(self.tokenizer, self.identifiers)
@@ -47,13 +52,10 @@ class Recommender:
     def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-k per history, batched as in evaluation (the recipe's eval batch size, beam width and history
         exclusion), so the run's test rows give the stage's test metrics."""
-        from rlrec.decoding import recommend
-        from rlrec.prompts import prompt_messages
-
         unknown = sorted({item for history in histories for item in history if item not in self.identifiers})
         if unknown:
             raise RlrecError(f"{len(unknown)} history item id(s) not in the catalogue, e.g. {unknown[:5]}")
-        histories = [list(h)[-self.max_history :] if self.max_history else list(h) for h in histories]
+        histories = [list(h)[-self.max_history :] for h in histories]
         prompts = [prompt_messages(h, self.identifiers, self.prompt) for h in histories]
         return recommend(self.model, self.tokenizer, prompts, k=k, trie=self.trie,
                          beam_width=max(self.eval.beam_width or k, k), batch_size=self.eval.batch_size,
@@ -62,11 +64,6 @@ class Recommender:
 
 def load(path_or_repo_id: str | Path, device: str | None = None, revision: str | None = None) -> Recommender:
     """Load a published folder, or download one from the Hub by repo id (token from the environment or login)."""
-    import yaml
-
-    from rlrec.evaluate import read_catalog
-    from rlrec.models import load_model
-
     path = Path(path_or_repo_id)
     if not path.exists():
         if str(path_or_repo_id).count("/") != 1:

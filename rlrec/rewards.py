@@ -12,12 +12,14 @@ per completion. A recipe names rewards and weights:
 A name with a dot loads a user function by dotted path (`rewards.my_module.my_reward`, same signature). A reward
 that raises or returns NaN stops the run with the reward's name in the message.
 
-Ranks are 0-based (the best beam has rank 0). Formulas and sources:
+Ranks are 0-based (the best beam has rank 0); the discounts are `rlrec.metrics.discount(r + 1)`, the one
+evaluation uses. Formulas and sources:
 - valid         1 if the completion is a catalogue item, else 0 (format reward).
 - hit           1 if the item is the target, else 0.
 - rank_penalty  MiniOneRec's ranking reward term: a wrong item at beam rank r gets
                 -(1/log2(r+2)) / sum_{j<G} 1/log2(j+2); a hit gets 0. `hit + rank_penalty` is their `ranking`.
-- ndcg          rank-weighted hit: 1/log2(r+2) when the item at beam rank r is the target, else 0.
+- ndcg          rank-weighted hit: 1/log2(r+2) when the item at beam rank r is the target, else 0
+                (`rlrec.metrics.ndcg_at_k(r + 1, G)`, NDCG@G of the target in the beam list).
 - sid_prefix    partial credit by the depth d of the semantic-ID prefix shared with the target (of L levels);
                 1 for a hit. Default schedule sqrt(d/L): GREAM's residual-sensitive reward (0.5 / 0.707 / 0.866
                 for 1 / 2 / 3 of 4 levels); `linear` (d/L) or an explicit list of L-1 values.
@@ -44,6 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from rlrec.errors import ConfigError, RlrecError
+from rlrec.items.embed import embed_texts
+from rlrec.items.index import CODE_IN_TEXT
+from rlrec.metrics import discount, ndcg_at_k
+from rlrec.schema import BEAM_RANK_REWARDS, DEFAULT_ENCODER
 
 
 @dataclass
@@ -64,13 +70,11 @@ class ItemTables:
     popularity: Counter
     sequences: list[list[str]] = field(default_factory=list)  # training sequences, for co-occurrence
     titles: dict[str, str] = field(default_factory=dict)
-    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    encoder: str = DEFAULT_ENCODER
     cache_dir: Path = Path("runs/cache")
 
     @cached_property
     def codes(self) -> dict[str, tuple[str, ...]]:
-        from rlrec.items.index import CODE_IN_TEXT
-
         codes = {item: tuple(CODE_IN_TEXT.findall(text)) for item, text in self.identifiers.items()}
         if not any(codes.values()):
             raise ConfigError("reward 'sid_prefix' needs semantic-ID identifiers (data.prompt.identifier: sid)")
@@ -78,8 +82,6 @@ class ItemTables:
 
     @cached_property
     def embeddings(self) -> dict[str, np.ndarray]:
-        from rlrec.items.embed import embed_texts
-
         texts = [self.titles.get(item) or f"item {item}" for item in self.item_ids]
         vectors, _, _ = embed_texts(texts, self.encoder, 256, self.cache_dir)
         return dict(zip(self.item_ids, vectors, strict=True))
@@ -99,7 +101,7 @@ class ItemTables:
 
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
-NEEDS_RANK = {"rank_penalty", "ndcg"}  # defined for beam rollouts only
+NEEDS_RANK = BEAM_RANK_REWARDS  # defined for beam rollouts only
 
 
 def reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -127,15 +129,11 @@ def hit(batch: RewardBatch, tables: ItemTables) -> list[float]:
     return [float(item == target) for item, target in zip(batch.items, batch.targets, strict=True)]
 
 
-def _discount(rank: int) -> float:
-    return 1.0 / math.log2(rank + 2)
-
-
 @reward("rank_penalty")
 def rank_penalty(batch: RewardBatch, tables: ItemTables) -> list[float]:
-    total = sum(_discount(j) for j in range(batch.group_size))
+    total = sum(discount(j + 1) for j in range(batch.group_size))
     return [
-        0.0 if item == target else -_discount(_rank_of(batch, i, "rank_penalty")) / total
+        0.0 if item == target else -discount(_rank_of(batch, i, "rank_penalty") + 1) / total
         for i, (item, target) in enumerate(zip(batch.items, batch.targets, strict=True))
     ]
 
@@ -143,7 +141,7 @@ def rank_penalty(batch: RewardBatch, tables: ItemTables) -> list[float]:
 @reward("ndcg")
 def ndcg(batch: RewardBatch, tables: ItemTables) -> list[float]:
     return [
-        _discount(_rank_of(batch, i, "ndcg")) if item == target else 0.0
+        ndcg_at_k(_rank_of(batch, i, "ndcg") + 1, batch.group_size) if item == target else 0.0
         for i, (item, target) in enumerate(zip(batch.items, batch.targets, strict=True))
     ]
 

@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from rlrec.baselines import most_popular_lists, training_sequences, windows
-from rlrec.evaluate import RunData, train_popularity
+from rlrec.data.prepared import RunData, train_popularity
 from tests.conftest import REPO, run_cli
 
 
@@ -52,6 +52,7 @@ def quickstart_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow(reason="trains SASRec on 1,000 users until early stopping: ~30 s")
 def test_sasrec_beats_most_popular_on_the_synthetic_default(quickstart_run):
     common = ["--config", str(REPO / "recipes/quickstart/data.yaml"), f"output_dir={quickstart_run}"]
     popular = run_cli("baseline", "most_popular", *common)

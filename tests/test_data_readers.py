@@ -10,10 +10,10 @@ import pytest
 
 from rlrec.config import from_dict
 from rlrec.data import read_source
-from rlrec.data.config import SourceConfig
 from rlrec.data.filters import kcore
 from rlrec.data.types import Interactions
 from rlrec.errors import ConfigError, DataError
+from rlrec.schema import SourceConfig
 from tests.conftest import run_cli
 
 

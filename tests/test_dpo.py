@@ -14,15 +14,17 @@ import torch.nn.functional as F
 import yaml
 
 from rlrec.config import from_dict, load_config
-from rlrec.errors import RlrecError
-from rlrec.evaluate import load_run_data
+from rlrec.data.prepared import load_run_data
+from rlrec.decoding import ItemTrie
+from rlrec.errors import ConfigError, RlrecError
 from rlrec.models import load_model
+from rlrec.publish import publish
 from rlrec.recipe import Recipe
-from rlrec.stages.dpo import NegativesConfig, build_preferences
+from rlrec.schema import DPOConfig, NegativesConfig
 from rlrec.stages.dpo import run as run_dpo
+from rlrec.stages.preferences import build_preferences, mine_hard_negatives
 from rlrec.stages.sdpo import sdpo_loss
-from tests.conftest import REPO
-from tests.test_sft import launch, prepared, sft_run, tiny_recipe  # noqa: F401  (fixtures)
+from tests.conftest import REPO, launch, tiny_recipe
 
 # --- the loss -------------------------------------------------------------------------------------------------------
 
@@ -177,8 +179,6 @@ def test_pairwise_dpo_changes_the_full_model(shared_data, sft_run, tmp_path):
     nll_per_token = -first["logps/chosen"] / 5  # 4 semantic-ID tokens (rqvae_zcr index) and the stop token per item
     assert first["rewards/margins"] == 0.0
     assert math.isclose(first["loss"], math.log(2) + 0.1 * nll_per_token, rel_tol=1e-3)
-    from rlrec.publish import publish
-
     card = (publish(out, "someone/tiny-dpo", dry_run=True, out=tmp_path / "pub") / "README.md").read_text()
     assert "DPO (beta 0.5, negatives per prompt: 2 hard, 1 random, 1 round," in card
     # a rerun finds the finished round and only re-evaluates
@@ -188,9 +188,6 @@ def test_pairwise_dpo_changes_the_full_model(shared_data, sft_run, tmp_path):
 
 
 def test_hard_negatives_are_catalogue_items_the_model_ranks_high(shared_data, sft_run):
-    from rlrec.decoding import ItemTrie
-    from rlrec.stages.dpo import mine_hard_negatives
-
     data = load_run_data(sft_run / "tiny" / "data")
     model, tokenizer = load_model(sft_run / "tiny" / "sft" / "model")
     rows_ = data.rows("train", 12)[:]
@@ -201,17 +198,14 @@ def test_hard_negatives_are_catalogue_items_the_model_ranks_high(shared_data, sf
 
 
 def test_config_rejects_nonsense():
-    from rlrec.errors import ConfigError
-    from rlrec.stages.dpo import DPOStageConfig
-
     with pytest.raises(ConfigError, match="at least one negative"):
         NegativesConfig(hard=0)
     with pytest.raises(ConfigError, match="S-DPO has its own loss"):
-        DPOStageConfig(loss="sdpo", dpo_loss_type=["ipo"])
+        DPOConfig(loss="sdpo", dpo_loss_type=["ipo"])
     with pytest.raises(ConfigError, match="use dpo.sft_weight"):
-        DPOStageConfig(loss="dpo", dpo_loss_type=["sigmoid", "sft"])
+        DPOConfig(loss="dpo", dpo_loss_type=["sigmoid", "sft"])
     with pytest.raises(ConfigError, match="sft_weight must be >= 0"):
-        DPOStageConfig(sft_weight=-1.0)
+        DPOConfig(sft_weight=-1.0)
     with pytest.raises(ConfigError):
         from_dict(Recipe, {"name": "x", "dpo": {"negative": {"hard": 1}}})
 
@@ -225,6 +219,7 @@ def test_shipped_dpo_recipes_parse():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow(reason="two S-DPO processes under accelerate launch: ~12 s")
 def test_sdpo_two_cpu_processes(shared_data, sft_run, tmp_path):
     raw = dpo_recipe(shared_data, sft_run, tmp_path, loss="sdpo")
     path = tmp_path / "recipe.yaml"

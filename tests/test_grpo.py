@@ -10,15 +10,16 @@ import torch
 import yaml
 from transformers import TrainerControl
 
+from rlrec.ablate import AblationGrid, cell_recipe, run_ablation
 from rlrec.config import from_dict, load_config
-from rlrec.evaluate import EvalConfig, load_run_data
+from rlrec.data.prepared import load_run_data
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
+from rlrec.schema import EvalConfig, GuardConfig
 from rlrec.stages.grpo import run as run_grpo
-from rlrec.stages.posttrain import GuardConfig, make_guard
-from tests.conftest import REPO
-from tests.test_sft import launch, prepared, sft_run, tiny_recipe  # noqa: F401  (fixtures)
+from rlrec.stages.posttrain import make_guard
+from tests.conftest import REPO, launch, tiny_recipe
 
 SEEN: list = []  # items the probe reward saw
 
@@ -110,6 +111,7 @@ def test_shipped_grpo_recipes_parse():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow(reason="two GRPO processes under accelerate launch: ~15 s")
 def test_grpo_two_cpu_processes(shared_data, sft_run, tmp_path):
     raw = grpo_recipe(shared_data, sft_run, tmp_path, rewards={"hit": 1.0, "ndcg": 1.0})
     path = tmp_path / "recipe.yaml"
@@ -121,10 +123,9 @@ def test_grpo_two_cpu_processes(shared_data, sft_run, tmp_path):
     assert training["world_size"] == 2 and training["global_step"] == 3
 
 
+@pytest.mark.slow(reason="four GRPO cells, each its own rlrec process: ~30 s")
 def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
     import csv
-
-    from rlrec.ablate import run_ablation
 
     raw = grpo_recipe(shared_data, sft_run, tmp_path)
     raw["grpo"]["train"]["max_steps"] = 2
@@ -163,8 +164,6 @@ def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
 
 def test_shipped_ablation_grids_parse(tmp_path):
     """Every grid parses, names known rewards, and every cell recipe it would write is a valid recipe."""
-    from rlrec.ablate import AblationGrid, cell_recipe
-
     paths = sorted((REPO / "rewards" / "ablations").glob("*.yaml"))
     assert paths
     for path in paths:
@@ -177,28 +176,3 @@ def test_shipped_ablation_grids_parse(tmp_path):
         for name in grid.names:
             cell = from_dict(Recipe, cell_recipe(base, grid, name, grid.seeds[0], tmp_path))
             assert cell.section(grid.stage(name)) is not None
-
-
-def test_unfused_head_matches_trl_fused_head():
-    """Our replacement for TRL's fused LM head (token adapters, small vocabularies) returns the same numbers."""
-    import copy
-
-    from trl.trainer.utils import add_fused_lm_head
-
-    from rlrec.models import ModelConfig, build_for_training
-    from rlrec.stages.common import unfuse_lm_head
-
-    model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=32, layers=1, heads=2), {"i1": "<a_1><b_2>"},
-                                             ["the user liked these items"], seed=0)  # fmt: skip
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    add_fused_lm_head(fused, temperature=0.7, outputs=("log_probs", "entropy", "is_top1", "mean_logits"))
-    unfuse_lm_head(plain, temperature=0.7)
-    ids = torch.randint(0, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    a = fused(input_ids=ids, labels=labels, fused_lm_head=True)
-    b = plain(input_ids=ids, labels=labels, fused_lm_head=True)
-    assert torch.allclose(a.log_probs, b.log_probs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
-    assert torch.allclose(a.loss, b.loss, atol=1e-5) and torch.equal(a.is_top1, b.is_top1)
-    assert torch.equal(a.label_mask, b.label_mask) and torch.allclose(a.mean_logits, b.mean_logits, atol=1e-5)
-    assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)  # generation path untouched

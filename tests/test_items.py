@@ -12,7 +12,6 @@ import torch
 from rlrec.config import load_config
 from rlrec.data.types import Catalog, Item
 from rlrec.errors import DataError, RlrecError
-from rlrec.items.config import RQVAEConfig
 from rlrec.items.embed import item_texts
 from rlrec.items.index import (
     SemanticIndex,
@@ -25,6 +24,7 @@ from rlrec.items.quantize import balanced_assign, kmeans, rq_kmeans
 from rlrec.items.rqvae import train_rqvae
 from rlrec.items.tokens import add_code_tokens, check_round_trip, resize_model
 from rlrec.recipe import Recipe
+from rlrec.schema import RQVAEConfig
 from tests.conftest import REPO, run_cli
 
 # ------------------------------------------------------------------ quantisers
@@ -40,9 +40,10 @@ def blobs(n_per: int, centers: int, dim: int = 8, seed: int = 0) -> tuple[np.nda
 def test_kmeans_recovers_separated_clusters():
     x, labels = blobs(30, 5)
     _, assign = kmeans(torch.from_numpy(x), 5, iters=30, seed=1)
-    # Same partition up to a renaming of the clusters.
+    # Same partition up to a renaming of the clusters: each true cluster maps to one found cluster, and no two
+    # true clusters share one (all points in one cluster would give 5 pairs too, but one found cluster)
     pairs = set(zip(labels.tolist(), assign.tolist(), strict=True))
-    assert len(pairs) == 5
+    assert len(pairs) == 5 and len({found for _, found in pairs}) == 5
 
 
 def test_balanced_assignment_respects_capacity_and_prefers_near():
@@ -176,6 +177,7 @@ def scientific_items(shared_data, tmp_path_factory):
     return out / "scientific-rqkmeans"
 
 
+@pytest.mark.slow(reason="MiniLM embeds all 4,344 Scientific items (the scientific_items fixture): ~50 s")
 def test_scientific_index_from_text_is_collision_free(scientific_items):
     stats = json.loads((scientific_items / "items/stats.json").read_text())
     index = json.loads((scientific_items / "items/index.json").read_text())
@@ -187,6 +189,7 @@ def test_scientific_index_from_text_is_collision_free(scientific_items):
     assert stats["built_from"]["text_fallbacks"]["empty_attribute.brand"] == 12
 
 
+@pytest.mark.slow(reason="MiniLM embeds all 4,344 Scientific items (the scientific_items fixture): ~50 s")
 def test_data_prepare_renders_the_built_index(scientific_items, shared_data):
     result = run_cli(
         "data", "prepare", "--config", str(REPO / "recipes/amazon18-scientific/items_rqkmeans.yaml"),

@@ -76,6 +76,7 @@ def test_minionerec_given_split(shared_data, tmp_path):
     assert stats["num_items"] == 3686 and stats["num_interactions"] is None
 
 
+@pytest.mark.slow(reason="three data-prepare runs through the CLI: ~18 s")
 def test_minionerec_trains_on_its_valid_rows(shared_data, tmp_path):
     """The export has no train split: its valid rows train, their last 10% select, its test rows stay as given."""
     source = f"--data.source.path={shared_data / 'minionerec-industrial'}"

@@ -17,12 +17,11 @@ import yaml
 
 import rlrec
 from rlrec.config import from_dict
-from rlrec.data.prepare import prepare
-from rlrec.evaluate import load_run_data, score_lists
+from rlrec.data.prepared import load_run_data
+from rlrec.evaluate import score_lists
 from rlrec.recipe import Recipe
-from rlrec.stages.sft import run as run_sft
-from tests.conftest import REPO
-from tests.test_pipeline import tiny_pipeline
+from rlrec.stages import data, sft
+from tests.conftest import REPO, tiny_pipeline
 
 TOKEN = "hf_rlrecTestToken0123456789abcdef"
 
@@ -36,8 +35,8 @@ def lora_stage(tmp_path_factory):
     raw["sft"].update(finetune="lora", lora={"r": 4, "alpha": 8})
     raw["sft"]["train"].update(max_steps=30, learning_rate=0.02)
     recipe = from_dict(Recipe, raw)
-    prepare(recipe)
-    run_sft(recipe)
+    data.run(recipe)
+    sft.run(recipe)
     return recipe.stage_dir("sft")
 
 
@@ -65,11 +64,12 @@ def test_dry_run_folder_loads_back_and_reproduces_the_metrics(lora_stage, tmp_pa
     assert "leave_one_out, full catalogue of 40 items" in card and 'rlrec.load("someone/tiny-rec")' in card
 
     recommender = rlrec.load(folder)
-    data = load_run_data(lora_stage.parent / "data")
-    rows = data.rows("test", metrics["num_users"])
+    run_data = load_run_data(lora_stage.parent / "data")
+    rows = run_data.rows("test", metrics["num_users"])
     lists = recommender.recommend_batch(rows["history"], k=max(recommender.eval.ks))
     assert all(item in recommender.identifiers for ranked in lists for item, _ in ranked)
-    scored = score_lists([[item for item, _ in ranked] for ranked in lists], rows["target"], data, recommender.eval.ks)
+    scored = score_lists([[item for item, _ in ranked] for ranked in lists], rows["target"], run_data,
+                         recommender.eval.ks)  # fmt: skip
     assert scored == metrics["metrics"]
     single = recommender.recommend(rows["history"][0], k=max(recommender.eval.ks))  # same beam, batch of one
     assert [item for item, _ in single] == [item for item, _ in lists[0]]

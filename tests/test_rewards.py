@@ -9,7 +9,7 @@ import pytest
 
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.rewards import REWARDS, ItemTables, RewardBatch, compute, prefix_schedule, resolve
-from rlrec.stages.grpo import GRPOStageConfig
+from rlrec.schema import GRPOConfig
 
 IDENTIFIERS = {
     "i1": "<a_1><b_1><c_1><d_1>",
@@ -109,8 +109,8 @@ def test_bad_rewards_fail_with_their_name():
 
 def test_grpo_config_rejects_inconsistent_rewards():
     with pytest.raises(ConfigError, match="need beam ranks"):
-        GRPOStageConfig(rollout="sample", rewards={"hit": 1.0, "ndcg": 1.0})
+        GRPOConfig(rollout="sample", rewards={"hit": 1.0, "ndcg": 1.0})
     with pytest.raises(ConfigError, match="not in grpo.rewards"):
-        GRPOStageConfig(rewards={"hit": 1.0}, reward_params={"sid_prefix": {"schedule": "linear"}})
+        GRPOConfig(rewards={"hit": 1.0}, reward_params={"sid_prefix": {"schedule": "linear"}})
     with pytest.raises(ConfigError, match="num_generations"):
-        GRPOStageConfig(num_generations=1)
+        GRPOConfig(num_generations=1)

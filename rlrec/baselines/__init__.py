@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlrec.baselines.sasrec import SASRec, SASRecConfig
-from rlrec.evaluate import RunData, topk_from_scores
+from rlrec.baselines.sasrec import SASRec
+from rlrec.data.prepared import RunData
 from rlrec.metrics import accuracy_metrics
+from rlrec.schema import SASRecConfig
+
+
+def topk_from_scores(
+    scores: torch.Tensor, k: int, item_ids: Sequence[str], exclude: Sequence[Sequence[str]] | None = None
+) -> list[list[str]]:
+    """Top-k item ids per row of a [users, items] score matrix (columns follow `item_ids`)."""
+    if exclude is not None:
+        position = {item: i for i, item in enumerate(item_ids)}
+        scores = scores.clone()
+        for row, items in enumerate(exclude):
+            scores[row, [position[i] for i in items if i in position]] = float("-inf")
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist()
+    return [[item_ids[i] for i in row] for row in top]
 
 
 def most_popular_lists(data: RunData, n_rows: int, k: int, exclude=None) -> list[list[str]]:

@@ -3,47 +3,19 @@
     h_0 = E[items] * sqrt(d) + P[positions]   (left-padded to max_len, item 0 = padding)
     h_l = block_l(h_{l-1}),  block = pre-LN causal self-attention + pre-LN point-wise FFN, residuals, dropout
     score(u, i) = LN(h_L)[last] . E[i]        (the item embedding is the output layer too)
-Losses: `ce`, full-softmax cross-entropy over the whole catalogue at every position (the stronger choice on
-these data, see the calibration note in issue 4), or `bce`, the paper's binary cross-entropy with
-`negatives` uniformly sampled negatives per position. Training runs epoch by epoch until valid NDCG@10 has not
-improved for `patience` epochs (or `max_epochs`), and the best epoch's weights are kept: early stopping, not a
-time budget.
+Losses: `ce` (default), full-softmax cross-entropy over the whole catalogue at every position, or `bce`, the
+paper's binary cross-entropy with `negatives` uniformly sampled negatives per position. Training runs epoch by
+epoch until valid NDCG@10 has not improved for `patience` epochs (or `max_epochs`), and the best epoch's weights
+are kept: early stopping, not a time budget.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlrec.errors import ConfigError
-
-
-@dataclass
-class SASRecConfig:
-    hidden: int = 64
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 20
-    loss: Literal["ce", "bce"] = "ce"
-    negatives: int = 1  # bce only
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    max_epochs: int = 200
-    patience: int = 20  # epochs without a better valid NDCG@10 before stopping (valid NDCG is noisy)
-    eval_batch_size: int = 512
-    threads: int | None = None  # torch threads; None = torch's default
-
-    def __post_init__(self) -> None:
-        if self.hidden % self.heads:
-            raise ConfigError("sasrec.hidden must be divisible by sasrec.heads")
-        if self.max_len < 1 or self.max_epochs < 1 or self.patience < 1 or self.negatives < 1:
-            raise ConfigError("sasrec: max_len, max_epochs, patience and negatives must be >= 1")
+from rlrec.schema import SASRecConfig
 
 
 class Block(nn.Module):

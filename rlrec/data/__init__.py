@@ -5,7 +5,6 @@ READERS maps `source.format` to its reader; `read_source` also applies the filte
 
 from __future__ import annotations
 
-from rlrec.data.config import DataConfig, SourceConfig
 from rlrec.data.filters import drop_repeats, kcore
 from rlrec.data.generic import read_generic
 from rlrec.data.lcrec import read_lcrec
@@ -14,6 +13,7 @@ from rlrec.data.movielens import read_movielens
 from rlrec.data.synthetic import generate
 from rlrec.data.types import Catalog, Interactions, Item, RawData, Sample
 from rlrec.errors import ConfigError
+from rlrec.schema import DataConfig, SourceConfig
 
 READERS = {
     "movielens": read_movielens,

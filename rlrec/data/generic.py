@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from rlrec.data.config import ColumnsConfig, SourceConfig
 from rlrec.data.filters import Event, events_to_interactions
 from rlrec.data.io import require_file
 from rlrec.data.types import BadRows, Catalog, Item, RawData
 from rlrec.errors import DataError
+from rlrec.schema import ColumnsConfig, SourceConfig
 
 SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".jsonl")
 

@@ -3,7 +3,8 @@
 - `inter.json`: `{"<user>": [item, ...]}` with each user's items already in chronological order (no timestamps).
 - `item.json`: `{"<item>": {"title": ..., "description": ..., "brand": ..., "categories": ...}}`; the title is the
   item's name, every other string field becomes an attribute.
-- `index.json`: `{"<item>": ["<a_1>", "<b_2>", ...]}`, the semantic-ID index (validated by `rlrec.items`).
+- `index.json`: `{"<item>": ["<a_1>", "<b_2>", ...]}`, the semantic-ID index, read as it is (`rlrec.items`
+  validates it where the identifiers are built).
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from rlrec.data.config import SourceConfig
 from rlrec.data.io import find_one, load_json, require_dir, require_file
 from rlrec.data.types import BadRows, Catalog, Interactions, Item, RawData
 from rlrec.errors import DataError
-from rlrec.items.index import SemanticIndex
+from rlrec.schema import SourceConfig
 
 
 def read_items(path: Path, bad: BadRows) -> Catalog:
@@ -57,11 +57,6 @@ def read_sequences(path: Path, catalog: Catalog, bad: BadRows, skipped: Counter)
     return Interactions(sequences)
 
 
-def read_index(path: Path) -> dict[str, list[str]]:
-    """Read and validate a semantic-ID index (malformed codes fail naming the item)."""
-    return SemanticIndex.from_json(load_json(path), str(path)).to_json()
-
-
 def read_lcrec(config: SourceConfig) -> RawData:
     folder = require_dir(config.path, "an LC-Rec folder with <name>.inter.json and <name>.item.json")
     if config.name is None:
@@ -75,9 +70,8 @@ def read_lcrec(config: SourceConfig) -> RawData:
         require_file(folder / f"{name}.inter.json", "the LC-Rec interaction file"), catalog, bad, skipped
     )
     index_path = Path(config.index_path) if config.index_path else folder / f"{name}.index.json"
-    sid_index = (
-        read_index(require_file(index_path, "a semantic-ID index"))
-        if (config.index_path or index_path.is_file())
-        else None
-    )
-    return bad.attach(RawData(catalog=catalog, interactions=interactions, sid_index=sid_index, skipped=skipped))
+    raw = RawData(catalog=catalog, interactions=interactions, skipped=skipped)
+    if config.index_path or index_path.is_file():  # validated where identifiers are built (rlrec.items)
+        raw.sid_index = load_json(require_file(index_path, "a semantic-ID index"))
+        raw.sid_index_source = str(index_path)
+    return bad.attach(raw)

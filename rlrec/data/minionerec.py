@@ -13,11 +13,10 @@ import csv
 import sys
 from pathlib import Path
 
-from rlrec.data.config import SourceConfig
 from rlrec.data.io import find_one, iter_lines, load_json, require_dir
-from rlrec.data.lcrec import read_index
 from rlrec.data.types import BadRows, Catalog, Item, RawData, Sample
 from rlrec.errors import DataError
+from rlrec.schema import SourceConfig
 
 REQUIRED_COLUMNS = ("user_id", "history_item_id", "item_id")
 SPLITS = ("train", "valid", "test")
@@ -95,8 +94,9 @@ def read_minionerec(config: SourceConfig) -> RawData:
     catalog, sid_index = read_info(info, bad)
     if (root / "index").is_dir():
         _add_attributes(catalog, root / "index", bad)
-    if config.index_path:
-        sid_index = read_index(Path(config.index_path))
+    source = str(info)
+    if config.index_path:  # validated where the identifiers are built (rlrec.items)
+        sid_index, source = load_json(Path(config.index_path)), config.index_path
     splits = {}
     for split in SPLITS:
         path = root / split / f"{name}.csv"
@@ -104,4 +104,4 @@ def read_minionerec(config: SourceConfig) -> RawData:
             splits[split] = read_samples(path, catalog, bad)
     if not splits:
         raise DataError(f"{root}: no split CSVs found (expected {{train,valid,test}}/{name}.csv)")
-    return bad.attach(RawData(catalog=catalog, given_splits=splits, sid_index=sid_index))
+    return bad.attach(RawData(catalog=catalog, given_splits=splits, sid_index=sid_index, sid_index_source=source))

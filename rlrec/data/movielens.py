@@ -10,11 +10,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlrec.data.config import SourceConfig
 from rlrec.data.filters import Event, events_to_interactions
 from rlrec.data.io import iter_lines, require_file
 from rlrec.data.types import BadRows, Catalog, Item, RawData
 from rlrec.errors import DataError
+from rlrec.schema import SourceConfig
 
 # u.genre order of the 19 genre flags in u.item (used when u.genre is absent).
 ML100K_GENRES = (

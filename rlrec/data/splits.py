@@ -1,4 +1,4 @@
-"""Train / valid / test splits of next-item samples (see ../shared/notes/evaluation-protocol.md).
+"""Train / valid / test splits of next-item samples (the protocols in docs/evaluation.md).
 
 Leave-one-out (P5 / TIGER / LETTER / LC-Rec), per user with items i_1..i_n in time order:
     train  = every prefix of i_1..i_{n-2}: (i_1..i_{t-1}) -> i_t  for t = 2..n-2   (n - 3 samples)
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from rlrec.data.types import Interactions, Sample
-from rlrec.errors import DataError
+from rlrec.data.types import Interactions, RawData, Sample
+from rlrec.errors import ConfigError, DataError
+from rlrec.schema import DataConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -69,3 +70,30 @@ def truncate(splits: dict[str, list[Sample]], max_history: int) -> dict[str, lis
         name: [Sample(s.user, s.history[-max_history:], s.target, s.timestamp) for s in samples]
         for name, samples in splits.items()
     }
+
+
+def make_splits(raw: RawData, config: DataConfig, skipped: Counter) -> dict[str, list[Sample]]:
+    """The samples of each split, by `config.split.method`."""
+    split = config.split
+    if split.method == "given":
+        if raw.given_splits is None:
+            raise ConfigError(f"split.method 'given' needs a pre-split source; '{config.source.format}' is not")
+        return given_splits(truncate(raw.given_splits, split.max_history), split.train_from, split.holdout)
+    if raw.interactions is None:
+        raise ConfigError(f"source '{config.source.format}' is pre-split: use split.method 'given'")
+    if split.method == "leave_one_out":
+        return leave_one_out(raw.interactions, split.max_history, skipped)
+    return temporal(raw.interactions, split.ratios, split.max_history)
+
+
+def given_splits(splits: dict[str, list[Sample]], train_from: str, holdout: float) -> dict[str, list[Sample]]:
+    """The export's splits as they are, or (train_from: valid) its valid rows cut into train and a held-out tail."""
+    if train_from == "train":
+        return splits  # an export without train rows still serves evaluation (and most-popular on valid rows)
+    if "train" in splits:
+        raise ConfigError("split.train_from: valid, but the export has a train split: use it (train_from: train)")
+    if "valid" not in splits or "test" not in splits:
+        raise ConfigError(f"split.train_from: valid needs given valid and test splits, the export has {sorted(splits)}")
+    rows = splits["valid"]
+    cut = len(rows) - max(1, int(round(len(rows) * holdout)))
+    return {"train": rows[:cut], "valid": rows[cut:], "test": splits["test"]}

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlrec.data.config import SyntheticConfig
 from rlrec.data.types import Catalog, Interactions, Item, RawData
+from rlrec.schema import SyntheticConfig
 
 CATEGORIES = {
     "Kitchen": ["Pan", "Knife", "Kettle", "Bowl", "Whisk", "Grater", "Skillet", "Ladle"],

@@ -82,7 +82,8 @@ class RawData:
     catalog: Catalog
     interactions: Interactions | None = None
     given_splits: dict[str, list[Sample]] | None = None
-    sid_index: dict[str, list[str]] | None = None
+    sid_index: dict[str, list[str]] | None = None  # as read; rlrec.items validates it
+    sid_index_source: str | None = None  # the file it came from, for error messages
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
 

@@ -23,6 +23,7 @@ import torch
 
 from rlrec.decoding.trie import ItemTrie
 from rlrec.errors import RlrecError
+from rlrec.upstream import reorder_generated_cache
 
 NEG_INF = float("-inf")
 
@@ -36,19 +37,6 @@ def _select(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tenso
         top = torch.cat([top, top.new_full((*top.shape[:-1], pad), NEG_INF)], dim=-1)
         index = torch.cat([index, index.new_zeros((*index.shape[:-1], pad))], dim=-1)
     return top, index
-
-
-def _reorder_generated(cache, parents: torch.Tensor, generated: int) -> None:
-    """Reorder the cache to the chosen parent beams. Parents always belong to the same prompt and the prompt's
-    keys/values are identical across its beams, so only the last `generated` positions need moving: a copy of a
-    few positions instead of the whole cache each step (the full reorder cost 1.5x the forward passes)."""
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(hasattr(layer, "keys") and layer.keys is not None for layer in layers):
-        cache.reorder_cache(parents)  # other cache types: the generic (full) reorder
-        return
-    for layer in layers:
-        layer.keys[:, :, -generated:] = layer.keys[:, :, -generated:][parents]
-        layer.values[:, :, -generated:] = layer.values[:, :, -generated:][parents]
 
 
 def _banned_mask(
@@ -119,7 +107,7 @@ def beam_search(
         flat_pick = (torch.arange(batch).unsqueeze(1) * width + parent) * fan + pick % fan
         beam_tokens = tokens.reshape(-1)[flat_pick]
         beam_nodes = nodes.reshape(-1)[flat_pick]
-        _reorder_generated(cache, (torch.arange(batch).unsqueeze(1) * width + parent).reshape(-1).to(device), step)
+        reorder_generated_cache(cache, (torch.arange(batch).unsqueeze(1) * width + parent).reshape(-1).to(device), step)
     items = trie.terminal_item[beam_nodes]
     if bool(((items < 0) & ~torch.isinf(scores)).any()):
         raise RlrecError("beam search ended with an unfinished item; the trie and the model disagree")

@@ -1,33 +1,26 @@
-"""`rlrec items build`: the catalogue's item text -> a collision-free semantic-ID index in `runs/<name>/items/`.
+"""Build a collision-free semantic-ID index for a catalogue: item text -> embeddings -> residual quantisation.
 
-Steps: read the catalogue (the recipe's `data.source`), then either load a ready `index.json` (`items.index_path`)
-or embed each item's text and quantise the embeddings (RQ-KMeans or RQ-VAE); resolve collisions; write
-    index.json      {item_id: ["<a_12>", "<b_3>", "<c_200>"]}, collision-free, every catalogue item
-    stats.json      codebook utilisation per level, collisions before/after, prefix sharing, text fallbacks
-    embeddings/     the embeddings cache (kept across rebuilds; keyed by texts and encoder)
-    config.yaml, manifest.json
-`rlrec data prepare` with `prompt.identifier: sid` then renders items by this index.
+Either load a ready `index.json` (`items.index_path`), or embed each item's text (`rlrec.items.embed`) and quantise
+the embeddings with RQ-KMeans (`rlrec.items.quantize`) or RQ-VAE (`rlrec.items.rqvae`); then resolve collisions
+(`rlrec.items.index`) so that every identifier names exactly one item. `rlrec items build` (`rlrec.stages.items`)
+writes the result to `runs/<name>/items/`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from rlrec.config import dump_config
-from rlrec.data import read_source
 from rlrec.data.io import load_json, require_file
-from rlrec.items.config import ItemsConfig
+from rlrec.data.types import Catalog
 from rlrec.items.embed import embed_texts, item_texts
 from rlrec.items.index import SemanticIndex, collision_stats, index_stats, resolve_collisions
 from rlrec.items.quantize import rq_kmeans
 from rlrec.items.rqvae import train_rqvae
-from rlrec.manifest import write_manifest
-from rlrec.recipe import Recipe
+from rlrec.schema import ItemsConfig
 
 
 def quantize(embeddings: np.ndarray, config: ItemsConfig, seed: int):
@@ -36,12 +29,8 @@ def quantize(embeddings: np.ndarray, config: ItemsConfig, seed: int):
     return rq_kmeans(embeddings, config.codebook_sizes, config.kmeans_iters, seed, config.balanced), {}
 
 
-def build(recipe: Recipe) -> dict:
-    config: ItemsConfig = recipe.section("items")
-    catalog = read_source(recipe.section("data").source).catalog
-    out = recipe.stage_dir("items")
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+def build_index(catalog: Catalog, config: ItemsConfig, seed: int, cache_dir: Path) -> tuple[SemanticIndex, dict]:
+    """(collision-free index in catalogue order, stats: codebook utilisation, collisions before/after, sources)."""
     stats: dict = {}
     preferences, sizes = None, None
     if config.index_path:
@@ -51,11 +40,10 @@ def build(recipe: Recipe) -> dict:
     else:
         counts: Counter = Counter()
         texts = item_texts(catalog, config.attributes, config.max_attribute_chars, counts)
-        cache_dir = Path(config.cache_dir) if config.cache_dir else out / "embeddings"
         t0 = time.time()
         embeddings, cache_file, hit = embed_texts(texts, config.encoder, config.batch_size, cache_dir)
         t1 = time.time()
-        quantized, training = quantize(embeddings, config, recipe.seed)
+        quantized, training = quantize(embeddings, config, seed)
         sizes = config.codebook_sizes
         preferences = quantized.last_level_preferences()
         index = SemanticIndex.from_codes(catalog.ids(), quantized.codes)
@@ -79,10 +67,4 @@ def build(recipe: Recipe) -> dict:
     stats["collisions_after"] = collision_stats(resolved.codes)
     stats["resolution"] = {"method": config.collision, "items_changed": changed}
     stats["distinct_identifiers"] = stats["collisions_after"]["distinct_identifiers"]
-
-    (out / "index.json").write_text(json.dumps(resolved.to_json()) + "\n", encoding="utf-8")
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    dump_config(recipe, out / "config.yaml")
-    inputs = [p for p in (recipe.section("data").source.path, config.index_path) if p]
-    write_manifest(out, inputs, recipe.seed, time.time() - started, stage="items")
-    return stats
+    return resolved, stats

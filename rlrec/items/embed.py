@@ -16,7 +16,7 @@ import numpy as np
 
 from rlrec.data.types import Catalog
 from rlrec.errors import RlrecError
-from rlrec.items.config import DEFAULT_ENCODER
+from rlrec.schema import DEFAULT_ENCODER
 
 
 def item_texts(catalog: Catalog, attributes: list[str], max_chars: int, counts: Counter) -> list[str]:

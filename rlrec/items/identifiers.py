@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 
 from rlrec.data.types import Catalog
 from rlrec.errors import DataError
+from rlrec.items.index import SemanticIndex
 
 
 def title_identifiers(catalog: Catalog, counts: Counter) -> dict[str, str]:
@@ -38,12 +39,13 @@ def title_identifiers(catalog: Catalog, counts: Counter) -> dict[str, str]:
     return out
 
 
-def sid_identifiers(catalog: Catalog, index: dict[str, list[str]] | None) -> dict[str, str]:
+def sid_identifiers(catalog: Catalog, index: dict[str, list[str]] | None, source: str) -> dict[str, str]:
     if index is None:
         raise DataError(
             "prompt.identifier 'sid' needs a semantic-ID index: the source has none; set source.index_path "
             "or build one with `rlrec items build`"
         )
+    index = SemanticIndex.from_json(index, source).to_json()  # a malformed code fails naming the item
     missing = [item_id for item_id in catalog.items if item_id not in index]
     if missing:
         raise DataError(f"semantic-ID index misses {len(missing)} catalogue item(s), e.g. item {missing[0]}")
@@ -51,7 +53,7 @@ def sid_identifiers(catalog: Catalog, index: dict[str, list[str]] | None) -> dic
 
 
 def build_identifiers(
-    kind: str, catalog: Catalog, index: dict[str, list[str]] | None, counts: Counter
+    kind: str, catalog: Catalog, index: dict[str, list[str]] | None, counts: Counter, source: str = "index.json"
 ) -> dict[str, str]:
     """Item id -> identifier string for the renderer `kind`; fails if two items would share one."""
     if kind == "title":
@@ -59,7 +61,7 @@ def build_identifiers(
     elif kind == "id":
         identifiers = {item_id: item_id for item_id in catalog.items}
     elif kind == "sid":
-        identifiers = sid_identifiers(catalog, index)
+        identifiers = sid_identifiers(catalog, index, source)
     else:
         raise DataError(f"unknown identifier {kind!r}; expected title, id or sid")
     owners: dict[str, list[str]] = defaultdict(list)

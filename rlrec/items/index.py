@@ -19,9 +19,11 @@ import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from rlrec.data.io import load_json
 from rlrec.errors import DataError, RlrecError
 
 CODE = re.compile(r"^<([a-z]+)_(\d+)>$")
@@ -98,6 +100,16 @@ class SemanticIndex:
             )
         order = [position[item] for item in catalog_ids]
         return SemanticIndex(catalog_ids, self.codes[order], self.level_names)
+
+
+def read_index(path: str | Path) -> dict[str, list[str]]:
+    """Read and validate a semantic-ID index file (a malformed code fails naming the item)."""
+    return SemanticIndex.from_json(load_json(Path(path)), str(path)).to_json()
+
+
+def identifier_codes(identifiers: Mapping[str, str]) -> list[str]:
+    """Every code token the identifiers use, sorted (none for titles and ids): the tokens a tokenizer must add."""
+    return sorted({code for text in identifiers.values() for code in CODE_IN_TEXT.findall(text)})
 
 
 def parse_sid(text: str) -> str:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlrec.items.config import RQVAEConfig
 from rlrec.items.quantize import Quantized, rq_kmeans
+from rlrec.schema import RQVAEConfig
 
 
 def mlp(dims: list[int]) -> nn.Sequential:

@@ -12,7 +12,7 @@ Rewards are `rlrec.rewards` functions with weights from the recipe. TRL's loss t
 KL coefficient are exposed as they are.
 
 The guard (`rlrec.stages.posttrain`). A naive RL stage made a converged SFT model worse on real data
-(`../shared/notes/rl-calibration.md`: -34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a
+(docs/grpo.md: -34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a
 held-out slice of the validation users at step 0 and every `guard.eval_steps`, keeps the best weights, stops after
 `guard.patience` evaluations without a gain, and saves the best model: the stage can never return a model worse on
 validation than the one it started from. The curve is in `guard.jsonl` and `metrics.json`.
@@ -20,82 +20,24 @@ validation than the one it started from. The curve is in `guard.jsonl` and `metr
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
+import trl
+from trl.models.utils import unwrap_model_for_generation
 
-from rlrec.errors import ConfigError, RlrecError
-from rlrec.evaluate import EvalConfig, RunData, load_run_data
-from rlrec.rewards import NEEDS_RANK, ItemTables, RewardBatch, compute, resolve
-from rlrec.stages.common import (
-    LoraSection,
-    Timer,
-    TrainSection,
-    checkpoint_step,
-    is_main_process,
-    last_checkpoint,
-    stage_main,
-    training_arguments,
-    unfuse_lm_head,
-    unwrap_peft,
-    wants_plain_lm_head,
-    world_size,
-)  # fmt: skip
-from rlrec.stages.posttrain import (
-    GuardConfig,
-    copy_base_model,
-    init_model_dir,
-    load_policy,
-    make_guard,
-    train_prompts,
-)  # fmt: skip
-
-if TYPE_CHECKING:
-    from rlrec.recipe import Recipe
-
-LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
-
-
-@dataclass
-class GRPOStageConfig:
-    init: str = "sft"  # stage of this run whose model to start from (sft, dpo), or a model folder
-    finetune: Literal["auto", "lora", "full"] = "auto"  # auto: train what init holds (its adapter, or all weights)
-    lora: LoraSection = field(default_factory=LoraSection)  # used when a full init gets a new adapter
-    rollout: Literal["beam", "sample"] = "beam"
-    num_generations: int = 16  # G, completions per prompt
-    temperature: float = 1.0  # for sample rollouts
-    rewards: dict[str, float] = field(default_factory=lambda: {"hit": 1.0, "rank_penalty": 1.0})
-    reward_params: dict[str, dict] = field(default_factory=dict)
-    loss_type: LossType = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    beta: float = 0.0  # KL coefficient to the init policy (0: no reference model)
-    epsilon: float = 0.2  # PPO-style clip
-    prompts_per_device: int = 8  # prompts per step per process; completions = prompts x G
-    train_rows: Literal["all", "last"] = "last"  # all training prefixes, or each user's most recent one
-    max_train_prompts: int | None = None
-    train: TrainSection = field(default_factory=lambda: TrainSection(learning_rate=1e-5, logging_steps=5))
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    eval_splits: list[Literal["valid", "test"]] = field(default_factory=lambda: ["test"])
-    eval_max_users: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ConfigError("grpo.num_generations must be >= 2 (advantages are relative within a group)")
-        if not self.rewards:
-            raise ConfigError("grpo.rewards: name at least one reward")
-        unknown = set(self.reward_params) - set(self.rewards)
-        if unknown:
-            raise ConfigError(f"grpo.reward_params names rewards not in grpo.rewards: {sorted(unknown)}")
-        if self.rollout == "sample":
-            ranked = NEEDS_RANK & set(self.rewards)
-            if ranked:
-                raise ConfigError(f"grpo.rewards {sorted(ranked)} need beam ranks; use grpo.rollout: beam")
-        if self.temperature <= 0 or self.prompts_per_device < 1:
-            raise ConfigError("grpo: temperature > 0 and prompts_per_device >= 1 are required")
-
+from rlrec.baselines import training_sequences
+from rlrec.data.prepared import RunData, load_run_data
+from rlrec.decoding import ItemTrie, TrieLogitsProcessor, items_from_generations
+from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
+from rlrec.errors import RlrecError
+from rlrec.recipe import Recipe
+from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
+from rlrec.schema import EvalConfig, GRPOConfig
+from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, make_guard, train_prompts
+from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
+from rlrec.stages.training import training_arguments, wants_plain_lm_head
+from rlrec.upstream import unfuse_lm_head, unwrap_peft
 
 # --- rollouts ---------------------------------------------------------------------------------------------------
 
@@ -111,13 +53,8 @@ def _groups(prompts: list, size: int) -> list:
     return unique
 
 
-def make_rollout(trie, tokenizer, config: GRPOStageConfig):
+def make_rollout(trie, tokenizer, config: GRPOConfig):
     """The `rollout_func` for GRPOTrainer: prompts -> G catalogue items each (token ids, item ids, beam ranks)."""
-    from trl.models.utils import unwrap_model_for_generation
-
-    from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
-    from rlrec.decoding.processor import TrieLogitsProcessor, items_from_generations
-
     size = config.num_generations
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
     position = {item: i for i, item in enumerate(trie.item_ids)}
@@ -162,7 +99,7 @@ def make_rollout(trie, tokenizer, config: GRPOStageConfig):
 # --- rewards ------------------------------------------------------------------------------------------------------
 
 
-def reward_functions(config: GRPOStageConfig, tables: ItemTables) -> list:
+def reward_functions(config: GRPOConfig, tables: ItemTables) -> list:
     """One TRL reward function per recipe reward (named, for TRL's `rewards/<name>/mean` logs). The first also logs
     the rollout's hit rate, the share of groups with at least one hit, and the valid rate."""
     size = config.num_generations
@@ -187,8 +124,6 @@ def reward_functions(config: GRPOStageConfig, tables: ItemTables) -> list:
 
 
 def item_tables(recipe: Recipe, data: RunData) -> ItemTables:
-    from rlrec.baselines import training_sequences
-
     return ItemTables(
         item_ids=data.item_ids, identifiers=data.identifiers, popularity=data.popularity,
         sequences=training_sequences(data), titles={c["item_id"]: c.get("title", "") for c in data.catalog},
@@ -200,70 +135,60 @@ def item_tables(recipe: Recipe, data: RunData) -> ItemTables:
 
 
 def run(recipe: Recipe) -> dict | None:
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rlrec.decoding import ItemTrie
-    from rlrec.stages.sft import finish_stage, trainable_parameters
-
-    config: GRPOStageConfig = recipe.section("grpo")
+    config: GRPOConfig = recipe.section("grpo")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     out = recipe.stage_dir("grpo")
     policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
-    model, tokenizer, peft_config = policy.model, policy.tokenizer, policy.peft_config
-    tables = item_tables(recipe, data)
-    funcs = reward_functions(config, tables)
+    model, tokenizer = policy.model, policy.tokenizer
+    funcs = reward_functions(config, item_tables(recipe, data))
     trie = ItemTrie.build(tokenizer, data.identifiers)
     dataset = train_prompts(data, config.train_rows, config.max_train_prompts, recipe.seed)
     kwargs = training_arguments(config.train, out, recipe.seed)
     kwargs.pop("train_sampling_strategy")  # GRPO samples with its own RepeatSampler
     kwargs["per_device_train_batch_size"] = config.prompts_per_device * config.num_generations
-    args = GRPOConfig(
+    args = trl.GRPOConfig(
         **kwargs, num_generations=config.num_generations, max_completion_length=trie.max_length,
         beta=config.beta, loss_type=config.loss_type, scale_rewards=config.scale_rewards, epsilon=config.epsilon,
         reward_weights=list(config.rewards.values()), temperature=config.temperature, log_completions=False,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "guard.jsonl").unlink(missing_ok=True)
-    try:
-        trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                              processing_class=tokenizer, peft_config=peft_config,
-                              rollout_func=make_rollout(trie, tokenizer, config))  # fmt: skip
-    except ValueError as err:
-        raise RlrecError(f"cannot set up GRPO: {err}") from None
+    trainer = build_trainer(
+        "grpo",
+        out,
+        lambda: trl.GRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=policy.peft_config,
+            rollout_func=make_rollout(trie, tokenizer, config),
+        ),
+    )
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
-    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out)
+    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out, trie=trie)
     trainer.add_callback(guard)
-    resume = last_checkpoint(out, config.train.resume)
-    if is_main_process():
-        print(f"rlrec grpo: world size {world_size()} ({trainer.accelerator.distributed_type.value}), "
-              f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts "
-              f"G={config.num_generations}, rewards {config.rewards}, {len(dataset):,} prompts, "
-              f"resume from {resume or 'scratch'}", flush=True)  # fmt: skip
-    result = trainer.train(resume_from_checkpoint=resume)
-    best_step = trainer.state.global_step
-    if config.guard.keep_best:
-        best_step = guard.restore_best()
+    details = (f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts G={config.num_generations}"
+               f", rewards {config.rewards}, {len(dataset):,} prompts")  # fmt: skip
+    summary = fit(trainer, out, "grpo", details, config.train.resume)
+    saved_step = guard.restore_best() if config.guard.keep_best else trainer.state.global_step
     trainer.save_model(str(out / "model"))
     copy_base_model(policy, out)
     trainer.accelerator.wait_for_everyone()
-    summary = {
-        "init": str(policy.init), "finetune": policy.finetune, "rollout": config.rollout,
-        "num_generations": config.num_generations,
-        "rewards": config.rewards, "global_step": trainer.state.global_step, "saved_step": best_step,
-        "train_loss": round(result.training_loss, 5), "resumed_from": resume,
-        "steps_run": trainer.state.global_step - checkpoint_step(resume), "world_size": world_size(),
-        "distributed_type": trainer.accelerator.distributed_type.value, "train_seconds": timer.seconds,
-        "trainable_parameters": trainable_parameters(trainer.model), "train_prompts": len(dataset),
-        "guard": guard.history,
-    }  # fmt: skip
+    summary.update(init=str(policy.init), finetune=policy.finetune, rollout=config.rollout,
+                   num_generations=config.num_generations, rewards=config.rewards, saved_step=saved_step,
+                   train_seconds=timer.seconds, train_prompts=len(dataset), guard=guard.history)  # fmt: skip
     if not is_main_process():
         return None
-    with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:
-        for row in trainer.state.log_history:
-            log.write(json.dumps(row) + "\n")
-    return finish_stage(recipe, out, data, summary, config, timer)
+    return finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)
+
+
+def report(recipe: Recipe, metrics: dict) -> list[str]:
+    """What `rlrec grpo` prints."""
+    return policy_report(recipe, "grpo", metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ The starting model is a stage's saved model (`sft`, `dpo`, `grpo`) or any model 
 what it holds: its LoRA adapter, or all weights of a full model; `lora` on a full model adds a new adapter (with
 the identifier tokens' rows trainable); `full` on an adapter merges it first.
 
-The guard. A naive RL stage made a converged SFT model worse on real data (`../shared/notes/rl-calibration.md`:
--34% valid NDCG@10 in 300 steps), and preference optimisation can drift the same way. So a stage evaluates
+The guard. A naive RL stage made a converged SFT model worse on real data (docs/grpo.md: -34% valid NDCG@10 in 300
+steps), and preference optimisation can drift the same way. So a stage evaluates
 NDCG@K on a held-out slice of the validation users at step 0 and every `guard.eval_steps`, keeps the best weights,
 stops after `guard.patience` evaluations without a gain, and saves the best model: the stage never returns a model
 worse on that slice than the one it started from.
@@ -19,36 +19,20 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import torch
+from transformers import TrainerCallback
 
-from rlrec.errors import ConfigError, RlrecError
-from rlrec.evaluate import EvalConfig, RunData
+from rlrec.data.prepared import RunData
+from rlrec.decoding import ItemTrie
+from rlrec.errors import RlrecError
+from rlrec.evaluate import evaluate_generative
+from rlrec.items.index import identifier_codes
 from rlrec.models import BASE_MODEL_DIR, load_model
-from rlrec.stages.common import LoraSection, is_main_process, lora_config
-
-if TYPE_CHECKING:
-    from rlrec.recipe import Recipe
-
-POLICY_STAGES = ("sft", "dpo", "grpo")
-
-
-@dataclass
-class GuardConfig:
-    """Eval-gated training: NDCG@K on the first `users` rows of a held-out split."""
-
-    eval_steps: int = 25
-    users: int = 500
-    split: Literal["valid", "test"] = "valid"
-    k: int = 10
-    patience: int = 4  # evaluations without a gain before stopping; 0 never stops early
-    keep_best: bool = True  # save the best evaluated weights (step 0 included), not the last
-
-    def __post_init__(self) -> None:
-        if self.eval_steps < 1 or self.users < 1 or self.k < 1 or self.patience < 0:
-            raise ConfigError("guard: eval_steps, users and k must be >= 1, patience >= 0")
-
+from rlrec.recipe import POLICY_STAGES, Recipe
+from rlrec.schema import EvalConfig, GuardConfig, LoraConfig
+from rlrec.stages.runner import is_main_process
+from rlrec.stages.training import lora_config
 
 # --- the starting model ---------------------------------------------------------------------------------------------
 
@@ -70,7 +54,7 @@ class Policy:
     peft_config: object | None  # a new adapter for the trainer to add, or None
 
 
-def load_policy(init: Path, finetune: str, lora: LoraSection, data: RunData) -> Policy:
+def load_policy(init: Path, finetune: str, lora: LoraConfig, data: RunData) -> Policy:
     """Load the starting model trainable, as `finetune` asks (see the module docstring)."""
     adapter_init = (init / "adapter_config.json").is_file()
     resolved = finetune if finetune != "auto" else ("lora" if adapter_init else "full")
@@ -79,10 +63,7 @@ def load_policy(init: Path, finetune: str, lora: LoraSection, data: RunData) -> 
     if adapter_init and resolved == "full":
         model = model.merge_and_unload()
     elif not adapter_init and resolved == "lora":
-        from rlrec.items.index import CODE_IN_TEXT
-
-        codes = sorted({c for text in data.identifiers.values() for c in CODE_IN_TEXT.findall(text)})
-        token_ids = tokenizer.convert_tokens_to_ids(codes)
+        token_ids = tokenizer.convert_tokens_to_ids(identifier_codes(data.identifiers))
         peft_config = lora_config(lora, model, token_ids, "trainable_token_indices")
     return Policy(model, tokenizer, init, adapter_init, resolved, peft_config)
 
@@ -117,15 +98,13 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def make_guard(model, tokenizer, data: RunData, eval_config: EvalConfig, guard: GuardConfig, out: Path,
-               label: str = "grpo"):  # fmt: skip
+               label: str = "grpo", trie: ItemTrie | None = None):  # fmt: skip
     """A TrainerCallback: held-out NDCG@K at step 0 and every `eval_steps`; keeps the best trainable weights and
     stops after `patience` evaluations without a gain. Every process evaluates the same rows (no communication,
-    identical decisions, and ZeRO-3's sharded forward stays in step). The curve goes to `out/guard.jsonl`."""
-    from transformers import TrainerCallback
-
-    from rlrec.stages.evaluate import evaluate_generative
-
+    identical decisions, and ZeRO-3's sharded forward stays in step). The curve goes to `out/guard.jsonl`. The
+    catalogue trie is built once (or passed in by the stage, which has one already), not at every evaluation."""
     rows = data.rows(guard.split, guard.users)
+    trie = trie if trie is not None else ItemTrie.build(tokenizer, data.identifiers)
     metric = f"ndcg@{guard.k}"
     config = EvalConfig(ks=[guard.k], beam_width=max(eval_config.beam_width or guard.k, guard.k),
                         batch_size=eval_config.batch_size, exclude_history=eval_config.exclude_history)  # fmt: skip
@@ -139,7 +118,7 @@ def make_guard(model, tokenizer, data: RunData, eval_config: EvalConfig, guard: 
 
         def evaluate(self, step: int, control) -> None:
             training = model.training
-            result = evaluate_generative(model, tokenizer, data, config, rows, progress=False)["metrics"]
+            result = evaluate_generative(model, tokenizer, data, config, rows, trie, progress=False)["metrics"]
             if training:
                 model.train()
             value = result[metric]

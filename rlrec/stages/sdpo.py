@@ -10,8 +10,9 @@ everything else of `DPOTrainer` (reference handling, including PEFT's adapter-di
 a separate reference model; the optimiser, logging, checkpoints) and replace two pieces:
 - `MultiNegativeCollator` lays a batch of B prompts with K negatives out as [chosen (B); negative 1 (B); ...;
   negative K (B)], one padded row per (prompt, item) pair;
-- `PreferenceTrainer._compute_loss` scores those rows with the policy and, through TRL's own
-  `compute_ref_log_probs`, the reference, then applies `sdpo_loss`. Pairwise DPO goes through TRL's loss untouched.
+- `sdpo_step` scores those rows with the policy and, through TRL's own `compute_ref_log_probs`, the reference,
+  then applies `sdpo_loss`; it is the loss hook of `rlrec.upstream.preference_trainer`. Pairwise DPO goes through
+  TRL's loss untouched.
 Both losses read rows already tokenised from the catalogue trie (`prompt_ids`, `chosen_ids`, `rejected_ids`), so a
 completion is exactly the token sequence constrained decoding produces for that item.
 """
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from trl import DPOTrainer
 
 from rlrec.errors import RlrecError
+from rlrec.upstream import LossHook, log_metric
 
 
 def sdpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
@@ -59,46 +60,39 @@ class MultiNegativeCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-class PreferenceTrainer(DPOTrainer):
-    """`DPOTrainer` on pre-tokenised preference rows; `num_negatives` set switches the loss to S-DPO."""
+def sdpo_step(num_negatives: int, sft_weight: float) -> LossHook:
+    """The S-DPO loss hook for `preference_trainer`; `sft_weight` adds the target's NLL per token (RPO), as TRL's
+    `sft` loss type does for pairwise DPO."""
 
-    def __init__(self, *args, num_negatives: int | None = None, sft_weight: float = 0.0, **kwargs) -> None:
-        self.num_negatives = num_negatives
-        self.sft_weight = sft_weight  # S-DPO only (pairwise DPO uses TRL's own `sft` loss type)
-        super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # tokenised from the catalogue trie (rlrec.stages.dpo.tokenize_preferences)
-
-    def _compute_loss(self, model, inputs, return_outputs):
-        if self.num_negatives is None:
-            return super()._compute_loss(model, inputs, return_outputs)
-        mode = "train" if self.model.training else "eval"
+    def step(trainer, model, inputs: dict):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
                         labels=labels, fused_lm_head=True)  # fmt: skip
         logps = outputs.log_probs.sum(dim=1)
         # TRL's reference pass: the separate reference model, or this PEFT model under its "ref" / disabled adapter
-        reference = self.ref_model if self.ref_model is not None else self.model
-        ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
-        ratios = (logps - ref_logps).view(self.num_negatives + 1, -1)  # [K + 1, B]
+        reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
+        ref_logps = torch.cat(trainer.compute_ref_log_probs(reference, inputs))
+        ratios = (logps - ref_logps).view(num_negatives + 1, -1)  # [K + 1, B]
         chosen, rejected = ratios[0], ratios[1:].T
-        loss = sdpo_loss(chosen, rejected, self.beta).mean()
-        if self.sft_weight:  # the target's NLL per token, as TRL's `sft` loss type computes it for pairwise DPO
+        loss = sdpo_loss(chosen, rejected, trainer.beta).mean()
+        gather = trainer.accelerator.gather
+        if sft_weight:  # the target's NLL per token, as TRL's `sft` loss type computes it for pairwise DPO
             batch = chosen.size(0)
             nll = -outputs.log_probs[:batch].sum() / inputs["completion_mask"][:batch].sum()
-            loss = loss + self.sft_weight * nll
-            self._metrics[mode]["sft/nll_chosen"].append(self.accelerator.gather(nll.detach()).mean().item())
+            loss = loss + sft_weight * nll
+            log_metric(trainer, "sft/nll_chosen", gather(nll.detach()).mean().item())
 
         # TRL's DPO log keys, with the K negatives of a prompt pooled
-        chosen_rewards, rejected_rewards = self.beta * chosen.detach(), self.beta * rejected.detach()
-        by_row = logps.detach().view(self.num_negatives + 1, -1)
-        gather, metrics = self.accelerator.gather, self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        chosen_rewards, rejected_rewards = trainer.beta * chosen.detach(), trainer.beta * rejected.detach()
+        by_row = logps.detach().view(num_negatives + 1, -1)
         beats_all = (chosen_rewards.unsqueeze(1) > rejected_rewards).all(dim=1).float()
-        metrics["rewards/accuracies"].append(gather(beats_all).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards.max(dim=1).values).mean().item())
-        metrics["logps/chosen"].append(gather(by_row[0]).mean().item())
-        metrics["logps/rejected"].append(gather(by_row[1:].reshape(-1)).mean().item())
-        return (loss, outputs) if return_outputs else loss
+        log_metric(trainer, "rewards/chosen", gather(chosen_rewards).mean().item())
+        log_metric(trainer, "rewards/rejected", gather(rejected_rewards).mean().item())
+        log_metric(trainer, "rewards/accuracies", gather(beats_all).mean().item())
+        margins = chosen_rewards - rejected_rewards.max(dim=1).values
+        log_metric(trainer, "rewards/margins", gather(margins).mean().item())
+        log_metric(trainer, "logps/chosen", gather(by_row[0]).mean().item())
+        log_metric(trainer, "logps/rejected", gather(by_row[1:].reshape(-1)).mean().item())
+        return loss, outputs
+
+    return step

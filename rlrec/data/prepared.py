@@ -1,0 +1,128 @@
+"""The prepared data folder, `runs/<name>/data/`: written once by the data stage, read by every later stage.
+
+    dataset/          DatasetDict (train / valid / test) of prompt, completion, target, history, user
+    catalog.jsonl     one item a line: item_id, title, identifier, attributes (catalogue order)
+    sequences.jsonl   one user a line: the filtered chronological items (and timestamps), for baselines
+    index.json        the semantic-ID index, when the source or the items stage has one
+    stats.json        counts (users, items, interactions, split sizes) and every skipped row by reason
+
+`write_prepared` and `load_run_data` are the two ends of that contract; `RunData` is what a stage holds in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from rlrec.data.types import Catalog, Interactions, RawData, Sample
+from rlrec.errors import RlrecError
+from rlrec.schema import DataConfig
+
+
+@dataclass
+class RunData:
+    """What every evaluator and trainer reads from `runs/<name>/data/`."""
+
+    path: Path
+    dataset: DatasetDict
+    item_ids: list[str]  # the catalogue, in order
+    identifiers: dict[str, str]
+    popularity: Counter  # train interaction counts
+    stats: dict
+    catalog: list[dict] = field(default_factory=list)  # catalog.jsonl rows (item_id, title, identifier, ...)
+
+    def rows(self, split: str, max_users: int | None = None) -> Dataset:
+        if split not in self.dataset:
+            raise RlrecError(f"{self.path}: the data has no '{split}' split (has {', '.join(self.dataset)})")
+        rows = self.dataset[split]
+        return rows.select(range(min(max_users, len(rows)))) if max_users else rows
+
+    @property
+    def protocol(self) -> dict:
+        return {"split_method": self.stats["protocol"], "max_history": self.stats["max_history"],
+                "candidates": "full catalogue", "num_items": len(self.item_ids)}  # fmt: skip
+
+
+def train_popularity(train: Dataset) -> Counter:
+    """Interaction counts of the training split: every train target, plus each user's first item (the history of
+    a one-item prefix). Under leave-one-out this is exactly the count over every user's items[:-2]."""
+    counts: Counter = Counter(train["target"])
+    counts.update(history[0] for history in train["history"] if len(history) == 1)
+    return counts
+
+
+def read_catalog(path: str | Path) -> list[dict]:
+    """`catalog.jsonl`: one {"item_id", "title", "identifier", "attributes"} per line, in catalogue order."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def load_run_data(data_dir: str | Path) -> RunData:
+    data_dir = Path(data_dir)
+    if not (data_dir / "dataset").is_dir():
+        raise RlrecError(f"{data_dir}: no prepared data; run `rlrec data prepare` first")
+    dataset = load_from_disk(str(data_dir / "dataset"))
+    catalog = read_catalog(data_dir / "catalog.jsonl")
+    stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
+    popularity = train_popularity(dataset["train"]) if "train" in dataset else Counter()
+    return RunData(data_dir, dataset, [c["item_id"] for c in catalog],
+                   {c["item_id"]: c["identifier"] for c in catalog}, popularity, stats, catalog)  # fmt: skip
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def compute_stats(raw: RawData, splits: dict[str, list[Sample]], config: DataConfig, notes: Counter) -> dict:
+    if raw.interactions is not None:
+        users = raw.interactions.num_users
+        interactions = raw.interactions.num_interactions
+        interacted = len(raw.interactions.item_ids())
+    else:  # pre-split export: the full logs are not available, only its samples
+        users = len({s.user for samples in splits.values() for s in samples})
+        interactions = None
+        interacted = len({i for samples in splits.values() for s in samples for i in (*s.history, s.target)})
+    lengths = [len(s.history) for samples in splits.values() for s in samples]
+    return {
+        "protocol": config.split.method,
+        "max_history": config.split.max_history,
+        "num_users": users,
+        "num_items": len(raw.catalog),
+        "num_items_interacted": interacted,
+        "num_interactions": interactions,
+        "splits": {name: len(samples) for name, samples in splits.items()},
+        "mean_history_length": round(sum(lengths) / max(len(lengths), 1), 3),
+        "identifier": config.prompt.identifier,
+        "identifier_notes": dict(sorted(notes.items())),
+        "skipped": dict(sorted(raw.skipped.items())),
+        "skipped_examples": dict(sorted(raw.examples.items())),
+    }
+
+
+def write_prepared(out: Path, dataset: DatasetDict, catalog: Catalog, identifiers: dict[str, str],
+                   interactions: Interactions | None, sid_index: dict | None, stats: dict) -> None:  # fmt: skip
+    """Replace `out` with the prepared folder (the layout in the module docstring)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    datasets.disable_progress_bars()  # a save takes well under a second; the bars would only be noise
+    dataset.save_to_disk(str(out / "dataset"))
+    datasets.enable_progress_bars()
+    items = catalog.items.items()
+    write_jsonl(out / "catalog.jsonl", ({"item_id": i, "title": item.title, "identifier": identifiers[i],
+                                         "attributes": item.attributes} for i, item in items))  # fmt: skip
+    if interactions is not None:
+        stamps = interactions.timestamps
+        write_jsonl(out / "sequences.jsonl", ({"user": u, "items": items, "timestamps": stamps[u] if stamps else None}
+                                              for u, items in interactions.sequences.items()))  # fmt: skip
+    if sid_index is not None:
+        (out / "index.json").write_text(json.dumps(sid_index) + "\n", encoding="utf-8")
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")

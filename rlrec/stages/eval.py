@@ -1,0 +1,49 @@
+"""`rlrec eval`: the run's latest model (or `eval.model`) and the listed baselines, scored on the same rows by
+the one harness (`rlrec.evaluate`), in one table.
+
+Writes `runs/<name>/eval/`: metrics.json (protocol + every system's numbers), metrics.md, config.yaml,
+manifest.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlrec.data.prepared import load_run_data
+from rlrec.evaluate import evaluate_generative, write_report
+from rlrec.models import load_model
+from rlrec.recipe import Recipe
+from rlrec.schema import EvalConfig
+from rlrec.stages import most_popular, sasrec
+from rlrec.stages.runner import Timer, write_outputs
+
+BASELINE_NAMES = {"most_popular": "most-popular", "sasrec": "sasrec"}
+
+
+def run(recipe: Recipe) -> dict:
+    config = recipe.eval or EvalConfig()
+    timer = Timer()
+    data = load_run_data(recipe.stage_dir("data"))
+    rows = data.rows(config.split, config.max_users)
+    results = {}
+    model_path = Path(config.model) if config.model else recipe.latest_model()
+    if model_path is not None:
+        model, tokenizer = load_model(str(model_path))
+        results[model_path.parent.name if model_path.name == "model" else model_path.name] = {
+            **evaluate_generative(model, tokenizer, data, config, rows),
+            "model": str(model_path),
+        }
+    for name in config.baselines:
+        if name == "most_popular":
+            results[BASELINE_NAMES[name]] = most_popular.evaluate(data, config, rows)
+        else:
+            results[BASELINE_NAMES[name]] = sasrec.evaluate(recipe, data, config, rows)
+    write_report(recipe.stage_dir("eval"), results, data, config, {"num_users": len(rows)})
+    write_outputs(recipe, "eval", [data.path / "dataset"], timer)
+    return results
+
+
+def report(recipe: Recipe, results: dict) -> list[str]:
+    """What `rlrec eval` prints: the table written to metrics.md."""
+    out = recipe.stage_dir("eval")
+    return [f"wrote {out}", (out / "metrics.md").read_text()]

@@ -1,0 +1,159 @@
+"""The parts every stage runs the same way: the training tail, the files a finished stage leaves, and the entry
+point under `accelerate launch`.
+
+A training stage (sft, grpo, dpo) reads top to bottom as
+    trainer = build_trainer("grpo", out, lambda: GRPOTrainer(...))   # a set-up ValueError -> one-line RlrecError
+    summary = fit(trainer, out, "grpo", "...what is trained...", resume)   # banner, resume, train, train_log.jsonl
+    ... save the model ...
+    finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)
+and every stage, trained or not, ends with `write_outputs`: `metrics.json`, the resolved `config.yaml` and
+`manifest.json` (inputs with hashes, versions, seed, wall time, peak memory) in `runs/<name>/<stage>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from rlrec.config import dump_config, load_config
+from rlrec.data.prepared import RunData
+from rlrec.errors import RlrecError
+from rlrec.evaluate import evaluate_generative
+from rlrec.manifest import write_manifest
+from rlrec.models import load_model
+from rlrec.recipe import Recipe
+from rlrec.schema import EvalConfig
+from rlrec.stages.training import checkpoint_step, last_checkpoint, trainable_parameters
+from rlrec.upstream import tensorboard_dir
+
+T = TypeVar("T")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.time()
+
+    @property
+    def seconds(self) -> float:
+        return round(time.time() - self.start, 1)
+
+
+# --- the training tail ------------------------------------------------------------------------------------------------
+
+
+def build_trainer(label: str, out: Path, build: Callable[[], T]) -> T:
+    """Construct a TRL trainer; its TensorBoard logs go to `out/logs`, and a ValueError from set-up (PEFT's message
+    when a target module is missing, for example) becomes a one-line error."""
+    try:
+        with tensorboard_dir(out / "logs"):
+            return build()
+    except ValueError as err:
+        raise RlrecError(f"cannot set up {label.upper()}: {err}") from None
+
+
+def fit(trainer, out: Path, label: str, details: str, resume: bool) -> dict:
+    """Resume from the stage's last complete checkpoint (when `resume`), print the banner, train, and write TRL's log
+    to `out/train_log.jsonl`; return the summary every training stage records."""
+    checkpoint = last_checkpoint(out, resume)
+    kind = trainer.accelerator.distributed_type.value
+    if is_main_process():
+        print(f"rlrec {label}: world size {world_size()} ({kind}), {details}, resume from {checkpoint or 'scratch'}",
+              flush=True)  # fmt: skip
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if is_main_process():
+        with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:
+            for row in trainer.state.log_history:
+                log.write(json.dumps(row) + "\n")
+    return {
+        "global_step": trainer.state.global_step, "train_loss": round(result.training_loss, 5),
+        "resumed_from": checkpoint, "steps_run": trainer.state.global_step - checkpoint_step(checkpoint),
+        "world_size": world_size(), "distributed_type": kind,
+        "trainable_parameters": trainable_parameters(trainer.model),
+    }  # fmt: skip
+
+
+def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Iterable[str],
+           max_users: int | None, timer: Timer) -> dict:  # fmt: skip
+    """Evaluate the stage's saved model on `splits` (first `max_users` rows of each) and write the stage's files."""
+    eval_config = recipe.eval or EvalConfig()
+    model, tokenizer = load_model(recipe.stage_dir(stage) / "model")
+    metrics = {"protocol": data.protocol, "training": summary}
+    for split in splits:
+        rows = data.rows(split, max_users)
+        metrics[split] = {**evaluate_generative(model, tokenizer, data, eval_config, rows), "num_users": len(rows)}
+    write_outputs(recipe, stage, [data.path / "dataset"], timer, metrics)
+    return metrics
+
+
+def write_outputs(recipe: Recipe, stage: str, inputs: list, timer: Timer, metrics: dict | None = None) -> None:
+    """What every finished stage leaves in `runs/<name>/<stage>/`: metrics.json (when given; the baselines write a
+    report of their own), the resolved config.yaml and manifest.json."""
+    out = recipe.stage_dir(stage)
+    out.mkdir(parents=True, exist_ok=True)
+    if metrics is not None:
+        write_json(out / "metrics.json", metrics)
+    dump_config(recipe, out / "config.yaml")
+    write_manifest(out, inputs, recipe.seed, timer.seconds, stage=stage)
+
+
+def policy_report(recipe: Recipe, stage: str, metrics: dict) -> list[str]:
+    """What `rlrec sft|grpo|dpo` prints: HR@10 and NDCG@10 of each evaluated split."""
+    lines = [f"wrote {recipe.stage_dir(stage)}"]
+    for split in ("valid", "test"):
+        if split in metrics:
+            m = metrics[split]["metrics"]
+            lines.append(f"  {split}: HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  "
+                         f"({metrics[split]['num_users']} users)")  # fmt: skip
+    return lines
+
+
+# --- entry point ------------------------------------------------------------------------------------------------------
+
+
+def finish_distributed() -> None:
+    """End a multi-process run cleanly. About 1 in 10 two-process CPU runs aborted at interpreter shutdown after
+    finishing ("terminate called without an active exception", exit 1; root cause unknown); leaving with
+    os._exit(0) once everything is flushed and saved gave 0 failures in 24 runs."""
+    if world_size() <= 1:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def stage_main(prog: str, run: Callable[[Recipe], object], argv: list[str] | None) -> int:
+    """`[accelerate launch] -m rlrec.stages.<x> --config <recipe> [overrides]`: run the stage, print an RlrecError as
+    one line (exit 2), and leave the process group cleanly (see finish_distributed)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        run(load_config(Recipe, args.config, overrides))
+    except RlrecError as err:
+        print(f"rlrec: error: {err}", file=sys.stderr)
+        return 2
+    finish_distributed()
+    return 0

@@ -1,0 +1,200 @@
+"""One test per workaround in `rlrec.upstream`: each checks that our code does what it should AND that the
+upstream behaviour it works around is still there. When TRL, PEFT or transformers change that behaviour, a test
+here fails and names the workaround to revisit, instead of a stage silently training or measuring something else."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+
+import peft
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from transformers import TrainingArguments
+from transformers.integrations.integration_utils import TensorBoardCallback
+from trl.trainer.utils import add_fused_lm_head
+
+from rlrec.models import build_for_training
+from rlrec.schema import LoraConfig, ModelConfig
+from rlrec.stages.training import lora_config
+from rlrec.upstream import (
+    copy_reference_tokens,
+    has_token_adapters,
+    log_metric,
+    preference_trainer,
+    reorder_generated_cache,
+    tensorboard_dir,
+    unfuse_lm_head,
+    unwrap_peft,
+)
+
+IDENTIFIERS = {"i1": "<a_1><b_2>", "i2": "<a_1><b_3>", "i3": "<a_2><b_2>"}
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def tiny_model():
+    return build_for_training(ModelConfig(hidden_size=32, layers=1, heads=2), IDENTIFIERS,
+                              ["the user liked these items"], seed=0)  # fmt: skip
+
+
+def labelled_batch(vocabulary: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocabulary, (3, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return ids, labels
+
+
+def with_token_adapter(model, token_ids):
+    """The model under a LoRA adapter whose identifier rows are trainable (and moved away from their init)."""
+    wrapped = peft.get_peft_model(model, lora_config(LoraConfig(r=4, alpha=8), model, token_ids,
+                                                     "trainable_token_indices"))  # fmt: skip
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.normal_(0, 1.0)
+    return wrapped
+
+
+# --- unfuse_lm_head ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [None, 0.5], ids=["unscaled", "cohere-logit-scale"])
+def test_unfused_head_matches_trl_fused_head(scale):
+    """Our plain head returns TRL's numbers, every field, with the model's logit scale read as TRL reads it."""
+    model, tokenizer, _ = tiny_model()
+    if scale is not None:
+        model.config.logit_scale = scale
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    add_fused_lm_head(fused, temperature=0.7, outputs=OUTPUTS)
+    unfuse_lm_head(plain, temperature=0.7)
+    ids, labels = labelled_batch(len(tokenizer))
+    a = fused(input_ids=ids, labels=labels, fused_lm_head=True)
+    b = plain(input_ids=ids, labels=labels, fused_lm_head=True)
+    for field in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert torch.allclose(getattr(a, field), getattr(b, field), atol=1e-5), field
+    assert torch.equal(a.is_top1, b.is_top1) and torch.equal(a.label_mask, b.label_mask)
+    assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)  # generation path untouched
+
+
+def test_trl_fused_head_still_misses_peft_token_adapters():
+    """Upstream behaviour behind `unfuse_lm_head`: TRL's fused head reads the output layer's weight directly, so under
+    PEFT's trainable-token adapter it fails or scores with the untrained rows. If this test fails, TRL handles the
+    wrapper now: `unfuse_lm_head` and `wants_plain_lm_head`'s adapter rule may be dropped."""
+    model, tokenizer, token_ids = tiny_model()
+    wrapped = with_token_adapter(model, token_ids)
+    assert has_token_adapters(wrapped)
+    ids, labels = labelled_batch(len(tokenizer))
+    with torch.no_grad():
+        truth = torch.log_softmax(wrapped(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        truth = truth.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels[:, 1:] != -100)
+        fused = copy.deepcopy(wrapped)
+        add_fused_lm_head(unwrap_peft(fused))
+        try:
+            missed = not torch.allclose(fused(input_ids=ids, labels=labels, fused_lm_head=True).log_probs, truth,
+                                        atol=1e-4)  # fmt: skip
+        except AttributeError:  # the wrapper has no `bias`
+            missed = True
+        assert missed, "TRL's fused head now sees PEFT token adapters: revisit rlrec.upstream.unfuse_lm_head"
+        plain = copy.deepcopy(wrapped)
+        unfuse_lm_head(unwrap_peft(plain))
+        assert torch.allclose(plain(input_ids=ids, labels=labels, fused_lm_head=True).log_probs, truth, atol=1e-5)
+
+
+# --- DPOTrainer: the reference adapter, the private hooks, the metrics ---------------------------------------------
+
+
+def dpo_trainer(tmp_path, model, tokenizer, loss=None, ref_model=None):
+    trie_ids = [tokenizer.convert_tokens_to_ids(["<a_1>", "<b_2>"]) + [tokenizer.eos_token_id]]
+    rows = Dataset.from_dict(
+        {
+            "prompt_ids": [[5, 6, 7]] * 4,
+            "chosen_ids": trie_ids * 4,
+            "rejected_ids": [list(reversed(trie_ids[0][:2])) + [tokenizer.eos_token_id]] * 4,
+        }
+    )
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_length=None,
+                         per_device_train_batch_size=2, max_steps=1, logging_steps=1)  # fmt: skip
+    return preference_trainer(loss, model=model, ref_model=ref_model, args=args, train_dataset=rows,
+                              processing_class=tokenizer)  # fmt: skip
+
+
+def test_trl_reference_adapter_still_skips_token_rows_and_we_copy_them(tmp_path):
+    """Upstream behaviour behind `copy_reference_tokens`: TRL copies the "default" adapter into "ref" by names that
+    contain `.default.`, which PEFT's `trainable_tokens_delta.default` does not. If the first assertion fails, TRL
+    copies them now and `copy_reference_tokens` may be dropped."""
+    model, tokenizer, token_ids = tiny_model()
+    trainer = dpo_trainer(tmp_path, with_token_adapter(model, token_ids), tokenizer)
+    params = dict(trainer.model.named_parameters())
+    pairs = [
+        (name, name[: -len(".default")] + ".ref") for name in params if name.endswith("trainable_tokens_delta.default")
+    ]
+    assert pairs and all(ref in params for _, ref in pairs)
+    assert not all(torch.equal(params[d], params[r]) for d, r in pairs), "TRL copies token rows: see upstream.py"
+    assert copy_reference_tokens(trainer.model) == len(pairs)
+    assert all(torch.equal(params[d], params[r]) for d, r in pairs)
+
+
+def test_dpo_private_hooks_keep_their_signatures(tmp_path):
+    """`preference_trainer` overrides DPOTrainer's private `_prepare_dataset` and `_compute_loss`; if TRL renames or
+    re-signs them, the override would silently stop being called."""
+    expected = {"_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"],
+                "_compute_loss": ["self", "model", "inputs", "return_outputs"]}  # fmt: skip
+    for name, parameters in expected.items():
+        assert list(inspect.signature(getattr(trl.DPOTrainer, name)).parameters) == parameters, name
+    calls = []
+
+    def loss(trainer, model, inputs):
+        calls.append(sorted(inputs))
+        value = model(input_ids=inputs["input_ids"]).logits.mean()
+        log_metric(trainer, "probe/value", 2.0)
+        log_metric(trainer, "probe/value", 4.0)
+        return value, None
+
+    model, tokenizer, _ = tiny_model()
+    trainer = dpo_trainer(tmp_path, model, tokenizer, loss, ref_model=copy.deepcopy(model).requires_grad_(False))
+    assert "prompt_ids" in trainer.train_dataset.column_names  # `_prepare_dataset` passed the rows through
+    trainer.train()
+    assert calls and "input_ids" in calls[0]  # `_compute_loss` called our hook
+    logged = [row for row in trainer.state.log_history if "probe/value" in row]
+    assert logged and logged[0]["probe/value"] == 3.0  # `log_metric`: the mean of the step's values
+
+
+# --- transformers -----------------------------------------------------------------------------------------------------
+
+
+def test_partial_cache_reorder_equals_the_full_one():
+    """`reorder_generated_cache` moves only the generated positions; it relies on DynamicCache's `layers[i].keys`
+    and equals the full `reorder_cache` when the prompt positions are the same for every beam (as in our search)."""
+    model, tokenizer, _ = tiny_model()
+    prompt = torch.randint(0, len(tokenizer), (1, 6), generator=torch.Generator().manual_seed(1))
+    beams = 3
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(beams)
+        step = torch.randint(0, len(tokenizer), (beams, 2), generator=torch.Generator().manual_seed(2))
+        cache = model(input_ids=step, past_key_values=cache, use_cache=True).past_key_values
+    assert all(getattr(layer, "keys", None) is not None for layer in cache.layers), "DynamicCache changed"
+    full, partial = copy.deepcopy(cache), copy.deepcopy(cache)
+    parents = torch.tensor([2, 0, 0])
+    full.reorder_cache(parents)
+    reorder_generated_cache(partial, parents, generated=2)
+    for a, b in zip(full.layers, partial.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_tensorboard_folder_is_read_from_the_environment_per_trainer(tmp_path, monkeypatch):
+    """transformers 5 has no `logging_dir` argument; its TensorBoard callback reads TENSORBOARD_LOGGING_DIR when it
+    is built. `tensorboard_dir` sets it around one construction and restores the environment after."""
+    assert "logging_dir" not in {f.name for f in dataclasses.fields(TrainingArguments)}
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/somewhere/else")
+    with tensorboard_dir(tmp_path / "round-1" / "logs"):
+        first = TensorBoardCallback()
+    with tensorboard_dir(tmp_path / "round-2" / "logs"):
+        second = TensorBoardCallback()
+    assert first.logging_dir == str(tmp_path / "round-1" / "logs")
+    assert second.logging_dir == str(tmp_path / "round-2" / "logs")  # each trainer its own folder
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/somewhere/else"
