@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rlrec.data.prepared import RunData
-from rlrec.decoding import ItemTrie, recommend
+from rlrec.decoding import recommend
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.metrics import accuracy_metrics, beyond_accuracy, head_items
 from rlrec.schema import EvalConfig
 
@@ -30,14 +31,15 @@ def score_lists(lists: Sequence[Sequence[str]], targets: Sequence[str], data: Ru
     return {key: round(value, 6) for key, value in metrics.items()}
 
 
-def evaluate_generative(model, tokenizer, data: RunData, config: EvalConfig, rows, trie: ItemTrie | None = None,
+def evaluate_generative(model, tokenizer, data: RunData, config: EvalConfig, rows, inputs: ModelInputs | None = None,
                         progress: bool = True) -> dict:  # fmt: skip
-    """Constrained top-K beam of a generative model on `rows`, scored by the harness. Pass the run's `trie` when
-    evaluating repeatedly (the guard); without one it is built from the tokenizer."""
+    """Constrained top-K beam of a generative model on `rows`, scored by the harness. Pass the run's `inputs` (prompt
+    encoding and catalogue trie) when evaluating repeatedly (the guard); without them they are built here."""
     started = time.time()
-    trie = trie if trie is not None else ItemTrie.build(tokenizer, data.identifiers)
+    inputs = inputs if inputs is not None else ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     recs = recommend(
-        model, tokenizer, rows["prompt"], k=max(config.ks), trie=trie, beam_width=config.beam_width,
+        model, tokenizer, inputs.prompt_ids(tokenizer, rows), k=max(config.ks), trie=inputs.trie,
+        beam_width=config.beam_width,
         batch_size=config.batch_size, exclude=rows["history"] if config.exclude_history else None,
         progress=progress,
     )  # fmt: skip

@@ -6,7 +6,8 @@ No weights can be downloaded here, so tests, the demo and CPU benchmarks build a
   turn is wrapped in `{% generation %}` (TRL's `assistant_only_loss` needs it);
 - `tiny_llama(tokenizer, ...)`: a Llama-architecture `LlamaForCausalLM` from a config (Llama, not Qwen2: with a
   Qwen2 config transformers 5's `AutoTokenizer` silently ignores a custom tokenizer.json and builds a
-  `Qwen2Tokenizer`, because "qwen2" is in its `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`).
+  `Qwen2Tokenizer`, because "qwen2" is in its `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`);
+- `tiny_phi(tokenizer, ...)`: a Phi-architecture `PhiForCausalLM`, for the dropout Llama does not have.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
 from rlrec.errors import RlrecError
 from rlrec.items.index import CODE_IN_TEXT, identifier_codes
@@ -92,6 +93,27 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
+def tiny_phi(
+    tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 2, intermediate_size: int | None = None,
+    dropout: float = 0.0, max_position_embeddings: int = 1024, seed: int = 0,
+) -> PhiForCausalLM:  # fmt: skip
+    """A from-scratch Phi sized to the tokenizer (tied embeddings, rotary on every dimension), with dropout on the
+    embeddings (`embd_pdrop`), the attention weights (`attention_dropout`) and the residual branches
+    (`resid_pdrop`): active in train mode, off in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = PhiConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_position_embeddings, partial_rotary_factor=1.0,
+        embd_pdrop=dropout, resid_pdrop=dropout, attention_dropout=dropout,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return PhiForCausalLM(config)
+
+
 def ensure_chat_template(tokenizer) -> None:
     """Give a tokenizer without a chat template ours (with generation tags); one without eos is an error."""
     if tokenizer.eos_token_id is None:
@@ -122,8 +144,12 @@ def build_for_training(config: ModelConfig, identifiers: Mapping[str, str], text
     codes = identifier_codes(identifiers)
     if config.from_scratch:
         tokenizer = build_tokenizer([*texts, *identifiers.values()], codes)
-        model = tiny_llama(tokenizer, config.hidden_size, config.layers, config.heads, config.intermediate_size,
-                           seed=seed)  # fmt: skip
+        if config.architecture == "phi":
+            model = tiny_phi(tokenizer, config.hidden_size, config.layers, config.heads, config.intermediate_size,
+                             config.dropout, seed=seed)  # fmt: skip
+        else:
+            model = tiny_llama(tokenizer, config.hidden_size, config.layers, config.heads, config.intermediate_size,
+                               seed=seed)  # fmt: skip
     else:
         model, tokenizer = _load_pretrained(config.path, config.dtype)
         ensure_chat_template(tokenizer)

@@ -18,7 +18,8 @@ import yaml
 
 from rlrec.config import from_dict
 from rlrec.data.prepared import read_catalog
-from rlrec.decoding import ItemTrie, recommend
+from rlrec.decoding import recommend
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.models import load_model
 from rlrec.prompts import prompt_messages
@@ -43,7 +44,8 @@ class Recommender:
         self.eval = from_dict(EvalConfig, self.recipe.get("eval") or {})
         self.identifiers = {item["item_id"]: item["identifier"] for item in self.catalog}
         self.titles = {item["item_id"]: item["title"] for item in self.catalog}
-        self.trie = ItemTrie.build(self.tokenizer, self.identifiers)
+        self.inputs = ModelInputs.build(self.tokenizer, self.identifiers, self.prompt)
+        self.trie = self.inputs.trie
 
     def recommend(self, history: Sequence[str], k: int = 10) -> list[tuple[str, float]]:
         """Top-k (item id, log-probability) for one history of item ids, oldest first."""
@@ -56,7 +58,8 @@ class Recommender:
         if unknown:
             raise RlrecError(f"{len(unknown)} history item id(s) not in the catalogue, e.g. {unknown[:5]}")
         histories = [list(h)[-self.max_history :] for h in histories]
-        prompts = [prompt_messages(h, self.identifiers, self.prompt) for h in histories]
+        rows = {"prompt": [prompt_messages(h, self.identifiers, self.prompt) for h in histories], "history": histories}
+        prompts = self.inputs.prompt_ids(self.tokenizer, rows)
         return recommend(self.model, self.tokenizer, prompts, k=k, trie=self.trie,
                          beam_width=max(self.eval.beam_width or k, k), batch_size=self.eval.batch_size,
                          exclude=histories if self.eval.exclude_history else None)  # fmt: skip

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
-from rlrec.baselines import most_popular_lists, training_sequences, windows
-from rlrec.data.prepared import RunData, train_popularity
+from rlrec.baselines import most_popular_lists, windows
+from rlrec.data.prepared import RunData, train_popularity, training_sequences
 from tests.conftest import REPO, run_cli
 
 

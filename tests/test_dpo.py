@@ -15,7 +15,7 @@ import yaml
 
 from rlrec.config import from_dict, load_config
 from rlrec.data.prepared import load_run_data
-from rlrec.decoding import ItemTrie
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.models import load_model
 from rlrec.publish import publish
@@ -191,8 +191,8 @@ def test_hard_negatives_are_catalogue_items_the_model_ranks_high(shared_data, sf
     data = load_run_data(sft_run / "tiny" / "data")
     model, tokenizer = load_model(sft_run / "tiny" / "sft" / "model")
     rows_ = data.rows("train", 12)[:]
-    trie = ItemTrie.build(tokenizer, data.identifiers)
-    mined = mine_hard_negatives(model, tokenizer, trie, rows_, 3, exclude_history=True, batch_size=4)
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
+    mined = mine_hard_negatives(model, tokenizer, inputs, rows_, 3, exclude_history=True, batch_size=4)
     assert all(len(items) == 4 and set(items) <= set(data.item_ids) for items in mined)
     assert all(not set(items) & set(history) for items, history in zip(mined, rows_["history"], strict=True))
 

@@ -18,7 +18,7 @@ from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
 from rlrec.schema import EvalConfig, GuardConfig
 from rlrec.stages.grpo import run as run_grpo
-from rlrec.stages.posttrain import make_guard
+from rlrec.stages.guard import make_guard
 from tests.conftest import REPO, launch, tiny_recipe
 
 SEEN: list = []  # items the probe reward saw

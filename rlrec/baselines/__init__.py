@@ -1,9 +1,8 @@
 """Baselines scored by the same harness as the generative models: most-popular and SASRec.
 
-Training sequences are rebuilt from the train split: for each user, the first train row's history followed by
-every train row's target, in order. Under leave-one-out this is exactly items[:-2]; under the temporal split it
-is the user's items up to the train cut. They are cut into windows of `max_len + 1` items from the end, each
-window overlapping the previous by one item, so that every train transition is predicted exactly once.
+Training sequences are rebuilt from the train split (`rlrec.data.prepared.training_sequences`: items[:-2] under
+leave-one-out) and cut into windows of `max_len + 1` items from the end, each window overlapping the previous by
+one item, so that every train transition is predicted exactly once (`window_bounds`, shared with sequence SFT).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlrec.baselines.sasrec import SASRec
-from rlrec.data.prepared import RunData
+from rlrec.data.prepared import RunData, training_sequences, window_bounds
 from rlrec.metrics import accuracy_metrics
 from rlrec.schema import SASRecConfig
 
@@ -43,28 +42,16 @@ def most_popular_lists(data: RunData, n_rows: int, k: int, exclude=None) -> list
     return topk_from_scores(scores.expand(n_rows, -1), k, data.item_ids, exclude)
 
 
-def training_sequences(data: RunData, split: str = "train") -> list[list[str]]:
-    sequences: dict[str, list[str]] = {}
-    rows = data.rows(split)
-    for user, history, target in zip(rows["user"], rows["history"], rows["target"], strict=True):
-        if user not in sequences:
-            sequences[user] = list(history)
-        sequences[user].append(target)
-    return list(sequences.values())
-
-
 def windows(sequences: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded (inputs, targets) windows [n, max_len]: targets[t] = the item after inputs[..t]."""
     inputs, targets = [], []
     for seq in sequences:
-        end = len(seq)
-        while end > 1:
-            chunk = seq[max(0, end - max_len - 1) : end]
+        for start, end in window_bounds(len(seq), max_len + 1):
+            chunk = seq[start:end]
             pad = max_len + 1 - len(chunk)
             padded = [0] * pad + chunk
             inputs.append(padded[:-1])
             targets.append([0 if i < pad else t for i, t in enumerate(padded[1:])])  # no target after a pad
-            end -= max_len
     return np.array(inputs, dtype=np.int64), np.array(targets, dtype=np.int64)
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections import Counter
 from collections.abc import Iterable
@@ -21,9 +22,10 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
+from rlrec.config import from_dict
 from rlrec.data.types import Catalog, Interactions, RawData, Sample
 from rlrec.errors import RlrecError
-from rlrec.schema import DataConfig
+from rlrec.schema import DataConfig, PromptConfig
 
 
 @dataclass
@@ -39,10 +41,24 @@ class RunData:
     catalog: list[dict] = field(default_factory=list)  # catalog.jsonl rows (item_id, title, identifier, ...)
 
     def rows(self, split: str, max_users: int | None = None) -> Dataset:
+        """The rows of a split, or its first `max_users` (quick checks; for selection use `sample`)."""
         if split not in self.dataset:
             raise RlrecError(f"{self.path}: the data has no '{split}' split (has {', '.join(self.dataset)})")
         rows = self.dataset[split]
         return rows.select(range(min(max_users, len(rows)))) if max_users else rows
+
+    def sample(self, split: str, size: int | None, seed: int) -> Dataset:
+        """A seeded uniform sample of `size` rows of a split, in file order (all rows when `size` is None or not
+        smaller): what selection decisions rest on, so it must stand for the whole split."""
+        rows = self.rows(split)
+        if size is None or size >= len(rows):
+            return rows
+        return rows.select(sorted(random.Random(seed).sample(range(len(rows)), size)))
+
+    @property
+    def prompt(self) -> PromptConfig:
+        """How this data renders a history for a model (chat, the default, for folders written before the field)."""
+        return from_dict(PromptConfig, {"identifier": self.stats["identifier"], **self.stats.get("prompt", {})})
 
     @property
     def protocol(self) -> dict:
@@ -56,6 +72,29 @@ def train_popularity(train: Dataset) -> Counter:
     counts: Counter = Counter(train["target"])
     counts.update(history[0] for history in train["history"] if len(history) == 1)
     return counts
+
+
+def training_sequences(data: RunData, split: str = "train", with_users: bool = False) -> list:
+    """Each user's training items in order, rebuilt from the split's rows: the first row's history followed by every
+    row's target. Under leave-one-out this is exactly items[:-2] (never a valid or test position); under the
+    temporal split it is the user's items up to the train cut. `with_users`: (user, items) pairs."""
+    sequences: dict[str, list[str]] = {}
+    rows = data.rows(split)
+    for user, history, target in zip(rows["user"], rows["history"], rows["target"], strict=True):
+        if user not in sequences:
+            sequences[user] = list(history)
+        sequences[user].append(target)
+    return list(sequences.items()) if with_users else list(sequences.values())
+
+
+def window_bounds(length: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of windows of at most `size` items over a sequence of `length` items, from the end, each
+    overlapping the previous one by one item: every transition (item t-1 -> item t) falls in exactly one window."""
+    bounds, end = [], length
+    while end > 1:
+        bounds.append((max(0, end - size), end))
+        end -= size - 1
+    return bounds
 
 
 def read_catalog(path: str | Path) -> list[dict]:
@@ -101,6 +140,12 @@ def compute_stats(raw: RawData, splits: dict[str, list[Sample]], config: DataCon
         "splits": {name: len(samples) for name, samples in splits.items()},
         "mean_history_length": round(sum(lengths) / max(len(lengths), 1), 3),
         "identifier": config.prompt.identifier,
+        "prompt": {
+            "format": config.prompt.format,
+            "template": config.prompt.template,
+            "separator": config.prompt.separator,
+            "system": config.prompt.system,
+        },  # fmt: skip
         "identifier_notes": dict(sorted(notes.items())),
         "skipped": dict(sorted(raw.skipped.items())),
         "skipped_examples": dict(sorted(raw.examples.items())),

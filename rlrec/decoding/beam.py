@@ -115,7 +115,10 @@ def beam_search(
 
 
 def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
-    """Chat-message prompts (or plain strings, taken as one user turn) -> token ids with the generation prompt."""
+    """Chat-message prompts (or plain strings, taken as one user turn) -> token ids with the generation prompt.
+    Prompts that are token ids already (`rlrec.decoding.inputs`, the sequence format) are used as they are."""
+    if prompts and all(isinstance(p, list) and p and isinstance(p[0], int) for p in prompts):
+        return [list(p) for p in prompts]
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     return tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=False)
 
@@ -135,7 +138,8 @@ def recommend(
     model, tokenizer, prompts: Sequence, k: int, trie: ItemTrie, beam_width: int | None = None,
     batch_size: int = 16, exclude: Sequence[Sequence[str]] | None = None, progress: bool = False,
 ) -> list[list[tuple[str, float]]]:  # fmt: skip
-    """Top-`k` distinct catalogue items per prompt with their log-probabilities, best first.
+    """Top-`k` distinct catalogue items per prompt with their log-probabilities, best first. `prompts` are chat
+    messages, or token ids (`rlrec.decoding.inputs.ModelInputs.prompt_ids`).
 
     `beam_width` >= k (default k); `exclude[i]` lists item ids never to recommend for prompt i (its history when
     the protocol says `exclude_history`). Prompts are batched by length to limit padding."""

@@ -4,7 +4,8 @@ The state of each row comes from the tokens generated after the prompt (`input_i
 from matching the prompt's text: MiniOneRec's processor keys on the last prompt tokens, which breaks as soon as a
 chat template changes what precedes the answer. A row whose generated tokens leave the trie, or a state with no
 allowed continuation, raises; the mask is never silently skipped (MiniOneRec's processor falls back to free
-generation when its lookup is empty). A row that has finished its item may only emit padding or the stop token.
+generation when its lookup is empty). A row that has finished its item (reached a terminal node: after the stop
+token, or after the last token of a prefix-free identifier) may only emit padding or the stop token.
 
 Our batched `beam_search` is the fast path for top-K; this processor serves sampling (GRPO rollouts) and users of
 `generate`.
@@ -23,27 +24,28 @@ class TrieLogitsProcessor(LogitsProcessor):
     def __init__(self, trie: ItemTrie, prompt_length: int, pad_token_id: int | None) -> None:
         self.trie = trie
         self.prompt_length = prompt_length
-        self.after_stop = sorted({trie.stop_token} | ({pad_token_id} if pad_token_id is not None else set()))
-        self._nodes: dict[tuple[int, ...], int] = {(): 0}  # generated prefix -> trie node
+        self.after_stop = sorted({t for t in (trie.stop_token, pad_token_id) if t is not None})
+        self._nodes: dict[tuple[int, ...], int | None] = {(): 0}  # generated prefix -> trie node
 
     def node(self, generated: tuple[int, ...]) -> int | None:
-        """Trie node for a generated prefix; None once the item is complete (stop token emitted)."""
-        if self.trie.stop_token in generated:
-            return None
-        node = self._nodes.get(generated)
-        if node is None:
+        """Trie node for a generated prefix; None for the padding after a complete item."""
+        if generated not in self._nodes:
             parent = self.node(generated[:-1])
-            child = self.trie.children[parent].get(generated[-1]) if parent is not None else None
-            if child is None:
-                raise RlrecError(f"generation left the catalogue after tokens {list(generated)}")
-            node = self._nodes[generated] = child
-        return node
+            if parent is None or parent in self.trie.terminal:
+                self._nodes[generated] = None
+            else:
+                child = self.trie.children[parent].get(generated[-1])
+                if child is None:
+                    raise RlrecError(f"generation left the catalogue after tokens {list(generated)}")
+                self._nodes[generated] = child
+        return self._nodes[generated]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = torch.full_like(scores, float("-inf"))
         for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
             node = self.node(tuple(ids))
-            allowed = self.after_stop if node is None else list(self.trie.children[node])
+            done = node is None or node in self.trie.terminal
+            allowed = self.after_stop if done else list(self.trie.children[node])
             if not allowed:
                 raise RlrecError(f"constrained decoding reached a dead end after tokens {ids}")
             mask[row, allowed] = 0.0
@@ -54,8 +56,11 @@ def items_from_generations(trie: ItemTrie, sequences: torch.Tensor, prompt_lengt
     """Map generated sequences (prompt included) to catalogue item ids; an incomplete item raises."""
     items = []
     for ids in sequences[:, prompt_length:].tolist():
-        if trie.stop_token not in ids:
+        node, length = 0, 0
+        while node not in trie.terminal and length < len(ids):
+            length += 1
+            node = trie.walk(ids[:length])  # raises if the tokens left the catalogue
+        if node not in trie.terminal:
             raise RlrecError(f"generation stopped before completing an item: {ids}")
-        node = trie.walk(ids[: ids.index(trie.stop_token) + 1])
         items.append(trie.item_ids[trie.terminal[node]])
     return items

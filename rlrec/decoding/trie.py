@@ -1,9 +1,12 @@
-"""The catalogue trie: every item's completion tokens (identifier + stop token) as a prefix tree.
+"""The catalogue trie: every item's completion tokens as a prefix tree.
 
-Token sequences are the ones the model is trained on: the tokens the chat template puts after the generation
-prompt for an assistant turn holding the identifier (TRL's SFT takes the completion as what follows the common
-prefix of the templated prompt and prompt+completion; we do the same), cut after the template's stop token.
-This works for semantic IDs (one added token per code) and for multi-token BPE or word-level titles alike.
+Token sequences are the ones the model is trained on. In the chat prompt format (`ItemTrie.build`) they are the
+tokens the chat template puts after the generation prompt for an assistant turn holding the identifier (TRL's SFT
+takes the completion as what follows the common prefix of the templated prompt and prompt+completion; we do the
+same), cut after the template's stop token. This works for semantic IDs (one added token per code) and for
+multi-token BPE or word-level titles alike. In the sequence prompt format (`rlrec.decoding.inputs`) an item is
+followed by the next item, not by a stop token: its tokens alone name it, so they must be prefix-free
+(`stop_token` None; fixed-length semantic IDs and one-token ids are).
 
 Two views of the same tree:
 - CSR tensors (`offsets`, `child_tokens`, `child_nodes`, `terminal_item`) for the batched beam search, which
@@ -45,8 +48,8 @@ def completion_token_ids(tokenizer, contents: list[str]) -> list[list[int]]:
 @dataclass
 class ItemTrie:
     item_ids: list[str]  # item index -> catalogue item id
-    sequences: list[list[int]]  # item index -> completion tokens, ending with the stop token
-    stop_token: int
+    sequences: list[list[int]]  # item index -> completion tokens, ending with the stop token when there is one
+    stop_token: int | None  # None: items end where their (prefix-free) tokens end
     children: list[dict[int, int]]  # node -> {token: child node}
     terminal: dict[int, int]  # node -> item index, for nodes where an item is complete
     offsets: torch.Tensor  # [n_nodes + 1] CSR row pointers
@@ -55,11 +58,13 @@ class ItemTrie:
     terminal_item: torch.Tensor  # [n_nodes], -1 where no item ends
 
     @classmethod
-    def from_sequences(cls, item_ids: list[str], sequences: list[list[int]], stop_token: int) -> ItemTrie:
+    def from_sequences(cls, item_ids: list[str], sequences: list[list[int]], stop_token: int | None) -> ItemTrie:
         children: list[dict[int, int]] = [{}]
         terminal: dict[int, int] = {}
         for index, sequence in enumerate(sequences):
-            if not sequence or sequence[-1] != stop_token or stop_token in sequence[:-1]:
+            if not sequence:
+                raise RlrecError(f"item {item_ids[index]}: empty token sequence")
+            if stop_token is not None and (sequence[-1] != stop_token or stop_token in sequence[:-1]):
                 raise RlrecError(f"item {item_ids[index]}: token sequence {sequence} must end with the stop token")
             node = 0
             for token in sequence:
@@ -71,6 +76,13 @@ class ItemTrie:
                 other = item_ids[terminal[node]]
                 raise RlrecError(f"items {other} and {item_ids[index]} tokenize identically; identifiers must differ")
             terminal[node] = index
+        if stop_token is None:
+            prefixes = [node for node in terminal if children[node]]
+            if prefixes:
+                first = item_ids[terminal[prefixes[0]]]
+                raise RlrecError(f"{len(prefixes)} item(s) tokenize to a prefix of another item's tokens (e.g. item "
+                                 f"{first}); without a stop token between items the identifiers must be prefix-free: "
+                                 "use semantic IDs, or a separator that tokenizes to its own token")  # fmt: skip
         offsets, tokens, nodes = [0], [], []
         for node_children in children:
             for token, child in sorted(node_children.items()):

@@ -33,12 +33,13 @@ import torch
 import trl
 
 from rlrec.data.prepared import RunData, load_run_data
-from rlrec.decoding import ItemTrie
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe
 from rlrec.schema import DPOConfig, EvalConfig
-from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, make_guard, train_prompts
+from rlrec.stages.guard import make_guard
+from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
 from rlrec.stages.preferences import build_preferences, mine_hard_negatives, tokenize_preferences
 from rlrec.stages.runner import (
     Timer,
@@ -65,21 +66,22 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
     eval_config = recipe.eval or EvalConfig()
     policy = load_policy(init, finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
-    trie = ItemTrie.build(tokenizer, data.identifiers)
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
+    trie = inputs.trie
     seed = recipe.seed + round_index - 1
     rows = train_prompts(data, config.train_rows, config.max_train_prompts, seed)[:]
     hard = None
     if config.negatives.hard:
         if torch.cuda.is_available():
             model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # mine on this process's GPU
-        hard = mine_hard_negatives(model, tokenizer, trie, rows, config.negatives.hard, eval_config.exclude_history,
-                                   config.negatives.beam_batch_size)  # fmt: skip
+        hard = mine_hard_negatives(model, tokenizer, inputs, rows, config.negatives.hard,
+                                   eval_config.exclude_history, config.negatives.beam_batch_size)  # fmt: skip
     mined_seconds = timer.seconds
     records, report = build_preferences(rows, data.item_ids, data.popularity, config.negatives, hard, seed)
     if not records:
         raise RlrecError(f"dpo round {round_index}: no preference rows left ({report})")
     sdpo = config.loss == "sdpo"
-    dataset = tokenize_preferences(records, tokenizer, trie, pairwise=not sdpo)
+    dataset = tokenize_preferences(records, tokenizer, inputs, pairwise=not sdpo)
     kwargs = training_arguments(config.train, out, recipe.seed)
     kwargs.pop("train_sampling_strategy")  # length grouping reads input_ids; preference rows hold prompt_ids
     loss_types, loss_weights = list(config.dpo_loss_type), [1.0] * len(config.dpo_loss_type)
@@ -113,8 +115,8 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
         unfuse_lm_head(unwrap_peft(trainer.model))
         if trainer.ref_model is not None:
             unfuse_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model))
-    guard = make_guard(trainer.model, tokenizer, data, eval_config, config.guard, out, label="dpo", trie=trie)
-    trainer.add_callback(guard)
+    guard = make_guard(trainer.model, tokenizer, data, eval_config, config.guard, out, label="dpo", inputs=inputs)
+    guard.attach(trainer)
     details = (f"{config.loss} ({policy.finetune}) from {init}, {report['prompts']:,} prompts x "
                f"{config.negatives.total} negatives ({len(dataset):,} rows), negatives: {report}")  # fmt: skip
     fitted = fit(trainer, out, f"dpo round {round_index}/{config.rounds}", details, config.train.resume)

@@ -20,21 +20,23 @@ validation than the one it started from. The curve is in `guard.jsonl` and `metr
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
 import trl
 from trl.models.utils import unwrap_model_for_generation
 
-from rlrec.baselines import training_sequences
-from rlrec.data.prepared import RunData, load_run_data
-from rlrec.decoding import ItemTrie, TrieLogitsProcessor, items_from_generations
+from rlrec.data.prepared import RunData, load_run_data, training_sequences
+from rlrec.decoding import TrieLogitsProcessor, items_from_generations
 from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.recipe import Recipe
 from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
 from rlrec.schema import EvalConfig, GRPOConfig
-from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, make_guard, train_prompts
+from rlrec.stages.guard import make_guard
+from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
 from rlrec.stages.training import training_arguments, wants_plain_lm_head
 from rlrec.upstream import unfuse_lm_head, unwrap_peft
@@ -53,15 +55,24 @@ def _groups(prompts: list, size: int) -> list:
     return unique
 
 
-def make_rollout(trie, tokenizer, config: GRPOConfig):
+def prompt_encoder(inputs: ModelInputs, tokenizer, dataset):
+    """Prompts as TRL hands them to the rollout (the dataset's `prompt` column) -> token ids. In the sequence format
+    a prompt's ids come from its history, looked up in the training prompts (equal prompts, equal histories)."""
+    if inputs.format == "chat":
+        return lambda prompts: encode_prompts(tokenizer, prompts)
+    history = {json.dumps(p, sort_keys=True): h for p, h in zip(dataset["prompt"], dataset["history"], strict=True)}
+    return lambda prompts: [inputs.history_ids(history[json.dumps(p, sort_keys=True)]) for p in prompts]
+
+
+def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
     """The `rollout_func` for GRPOTrainer: prompts -> G catalogue items each (token ids, item ids, beam ranks)."""
-    size = config.num_generations
+    size, trie = config.num_generations, inputs.trie
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
     position = {item: i for i, item in enumerate(trie.item_ids)}
 
     def rollout(prompts: list, trainer) -> dict:
         unique = _groups(prompts, size)
-        encoded = encode_prompts(tokenizer, unique)
+        encoded = encode(unique)
         ids, mask = left_pad(encoded, pad_id)
         device = trainer.accelerator.device
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
@@ -142,13 +153,13 @@ def run(recipe: Recipe) -> dict | None:
     policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
     funcs = reward_functions(config, item_tables(recipe, data))
-    trie = ItemTrie.build(tokenizer, data.identifiers)
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     dataset = train_prompts(data, config.train_rows, config.max_train_prompts, recipe.seed)
     kwargs = training_arguments(config.train, out, recipe.seed)
     kwargs.pop("train_sampling_strategy")  # GRPO samples with its own RepeatSampler
     kwargs["per_device_train_batch_size"] = config.prompts_per_device * config.num_generations
     args = trl.GRPOConfig(
-        **kwargs, num_generations=config.num_generations, max_completion_length=trie.max_length,
+        **kwargs, num_generations=config.num_generations, max_completion_length=inputs.trie.max_length,
         beta=config.beta, loss_type=config.loss_type, scale_rewards=config.scale_rewards, epsilon=config.epsilon,
         reward_weights=list(config.rewards.values()), temperature=config.temperature, log_completions=False,
     )  # fmt: skip
@@ -164,13 +175,13 @@ def run(recipe: Recipe) -> dict | None:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=policy.peft_config,
-            rollout_func=make_rollout(trie, tokenizer, config),
+            rollout_func=make_rollout(inputs, prompt_encoder(inputs, tokenizer, dataset), tokenizer, config),
         ),
     )
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
-    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out, trie=trie)
-    trainer.add_callback(guard)
+    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out, inputs=inputs)
+    guard.attach(trainer)
     details = (f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts G={config.num_generations}"
                f", rewards {config.rewards}, {len(dataset):,} prompts")  # fmt: skip
     summary = fit(trainer, out, "grpo", details, config.train.resume)

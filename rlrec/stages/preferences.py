@@ -15,16 +15,18 @@ import numpy as np
 from datasets import Dataset
 
 from rlrec.decoding import recommend
-from rlrec.decoding.beam import encode_prompts
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.schema import NegativesConfig
 
 
-def mine_hard_negatives(model, tokenizer, trie, rows, count: int, exclude_history: bool, batch_size: int):
+def mine_hard_negatives(model, tokenizer, inputs: ModelInputs, rows, count: int, exclude_history: bool,
+                        batch_size: int) -> list[list[str]]:  # fmt: skip
     """The model's constrained top `count + 1` items per prompt (one more than asked: the target may be among them
     and is filtered later). Under an `exclude_history` protocol the history is banned, as at evaluation."""
     exclude = rows["history"] if exclude_history else None
-    results = recommend(model, tokenizer, rows["prompt"], count + 1, trie, batch_size=batch_size, exclude=exclude)
+    results = recommend(model, tokenizer, inputs.prompt_ids(tokenizer, rows), count + 1, inputs.trie,
+                        batch_size=batch_size, exclude=exclude)  # fmt: skip
     return [[item for item, _ in ranked] for ranked in results]
 
 
@@ -90,15 +92,17 @@ def build_preferences(rows, item_ids: list[str], popularity, negatives: Negative
             report["filled_random"] += missing - (negatives.total - len(chosen))
             if len(chosen) < negatives.total:
                 raise RlrecError(f"the catalogue has too few items for {negatives.total} negatives per prompt")
-        records.append({"prompt": rows["prompt"][i], "chosen": target, "rejected": chosen})
+        records.append({"prompt": rows["prompt"][i], "history": history, "chosen": target, "rejected": chosen})
         report["prompts"] += 1
     return records, report
 
 
-def tokenize_preferences(records: list[dict], tokenizer, trie, pairwise: bool):
+def tokenize_preferences(records: list[dict], tokenizer, inputs: ModelInputs, pairwise: bool) -> Dataset:
     """Token ids from the catalogue trie: pairwise rows (one per negative) for DPO, one row per prompt for S-DPO."""
+    trie = inputs.trie
     position = {item: i for i, item in enumerate(trie.item_ids)}
-    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records])
+    prompt_ids = inputs.prompt_ids(tokenizer, {"prompt": [r["prompt"] for r in records],
+                                               "history": [r["history"] for r in records]})  # fmt: skip
     columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for ids, record in zip(prompt_ids, records, strict=True):
         chosen = trie.sequences[position[record["chosen"]]]

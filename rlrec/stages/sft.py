@@ -17,14 +17,18 @@ from __future__ import annotations
 import sys
 
 import trl
+from datasets import Dataset
 
-from rlrec.data.prepared import load_run_data
+from rlrec.data.prepared import RunData, load_run_data
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import ConfigError
 from rlrec.models import BASE_MODEL_DIR, build_for_training
 from rlrec.prompts import mix_tasks
 from rlrec.recipe import Recipe
-from rlrec.schema import SFTConfig
+from rlrec.schema import EvalConfig, SFTConfig
+from rlrec.stages.guard import make_guard
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
+from rlrec.stages.sft_rows import sequence_rows, target_rows
 from rlrec.stages.training import lora_config, training_arguments, wants_plain_lm_head
 from rlrec.upstream import unfuse_lm_head, unwrap_peft
 
@@ -55,10 +59,15 @@ def train_sft(recipe: Recipe):
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     out = recipe.stage_dir("sft")
-    identifier = data.stats["identifier"]
+    identifier, prompt_format = data.stats["identifier"], data.prompt.format
     alignment = bool(config.tasks.title_to_sid or config.tasks.sid_to_title)
     if identifier != "sid" and alignment:
         raise ConfigError(f"sft.tasks title_to_sid / sid_to_title need semantic IDs; this data uses '{identifier}'")
+    if prompt_format == "sequence" and (alignment or config.tasks.next_item != 1.0):
+        raise ConfigError("sft.tasks: the sequence prompt format trains next items only (tasks: {next_item: 1.0})")
+    if config.rows == "sequence" and prompt_format != "sequence":
+        raise ConfigError("sft.rows: sequence needs data.prompt.format: sequence (the history must be the text the "
+                          "model continues); rerun `rlrec data prepare` with it")  # fmt: skip
     texts = tokenizer_texts(data.dataset, data.catalog, with_titles=alignment)
     model, tokenizer, token_ids = build_for_training(config.model, data.identifiers, texts, recipe.seed)
     finetune = config.resolved_finetune()
@@ -66,11 +75,11 @@ def train_sft(recipe: Recipe):
     if peft_config is not None and config.model.from_scratch and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out / BASE_MODEL_DIR)  # the adapter's base: random weights nobody else has
-    weights = {"next_item": config.tasks.next_item, "title_to_sid": config.tasks.title_to_sid,
-               "sid_to_title": config.tasks.sid_to_title}  # fmt: skip
-    train_dataset = mix_tasks(data.dataset["train"], data.catalog, weights, recipe.seed)
+    train_dataset = training_rows(config, data, tokenizer, recipe.seed)
     if config.max_train_rows is not None and config.max_train_rows < len(train_dataset):
-        train_dataset = train_dataset.select(range(config.max_train_rows))  # already shuffled by mix_tasks
+        train_dataset = train_dataset.select(range(config.max_train_rows))  # already shuffled
+    targets = sum(train_dataset["targets"]) if "targets" in train_dataset.column_names else len(train_dataset)
+    train_dataset = train_dataset.remove_columns([c for c in ("targets", "user") if c in train_dataset.column_names])
     args = trl.SFTConfig(**training_arguments(config.train, out, recipe.seed), max_length=config.max_length,
                          completion_only_loss=True, packing=False)  # fmt: skip
     trainer = build_trainer(
@@ -82,13 +91,39 @@ def train_sft(recipe: Recipe):
     )
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model))
-    summary = fit(trainer, out, "sft", f"{finetune} fine-tuning, {len(train_dataset):,} rows", config.train.resume)
+    guard = None
+    if config.select is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "guard.jsonl").unlink(missing_ok=True)
+        guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.select, out, "sft")
+        guard.attach(trainer)
+    details = f"{finetune} fine-tuning, {config.rows} rows: {len(train_dataset):,} rows, {targets:,} targets an epoch"
+    summary = fit(trainer, out, "sft", details, config.train.resume)
+    saved_step = trainer.state.global_step
+    if guard is not None and config.select.keep_best:
+        saved_step = guard.restore_best()
     trainer.save_model(str(out / "model"))
     trainer.accelerator.wait_for_everyone()
-    parameters = sum(p.numel() for p in model.parameters())
-    summary.update(finetune=finetune, train_seconds=timer.seconds, parameters=parameters,
-                   identifier_tokens=len(token_ids), train_rows=len(train_dataset))  # fmt: skip
+    train_seconds = timer.seconds
+    summary.update(finetune=finetune, rows=config.rows, train_seconds=train_seconds,
+                   parameters=sum(p.numel() for p in model.parameters()), identifier_tokens=len(token_ids),
+                   train_rows=len(train_dataset), targets_per_epoch=targets, epochs_run=round(trainer.state.epoch, 3),
+                   targets_per_second=round(targets * trainer.state.epoch / max(train_seconds, 1e-9), 1),
+                   saved_step=saved_step, guard=guard.history if guard is not None else [])  # fmt: skip
     return trainer, data, summary, timer
+
+
+def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dataset:
+    """The training set, shuffled: chat rows (next item plus the alignment tasks), or, in the sequence prompt
+    format, tokenised target or sequence rows (rlrec.stages.sft_rows)."""
+    if data.prompt.format == "chat":
+        weights = {"next_item": config.tasks.next_item, "title_to_sid": config.tasks.title_to_sid,
+                   "sid_to_title": config.tasks.sid_to_title}  # fmt: skip
+        return mix_tasks(data.dataset["train"], data.catalog, weights, seed)
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
+    rows = sequence_rows(data, inputs, config.min_history) if config.rows == "sequence" else target_rows(data, inputs)
+    return rows.shuffle(seed=seed)
+
 
 
 def report(recipe: Recipe, metrics: dict) -> list[str]:

@@ -45,6 +45,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int) -> dict:
         "lr_scheduler_type": train.scheduler,
         "warmup_steps": train.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the total steps
         "weight_decay": train.weight_decay,
+        "label_smoothing_factor": train.label_smoothing,
         "max_grad_norm": train.max_grad_norm,
         "logging_steps": train.logging_steps,
         "save_strategy": "steps",
