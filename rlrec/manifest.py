@@ -1,5 +1,5 @@
 """Stage manifests: what a stage read (with content hashes), with which package versions and seed, how long it took
-and the process's peak resident memory.
+(wall and CPU seconds) and the process's peak resident memory.
 
 `runs/<name>/<stage>/manifest.json` lets a later run decide whether a stage's inputs changed and lets a reader of a
 results table trace every number back to exact inputs.
@@ -44,13 +44,16 @@ def package_versions() -> dict[str, str]:
 
 
 def write_manifest(stage_dir: Path, inputs: Iterable[str | Path], seed: int, wall_time_s: float, **extra) -> dict:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     manifest = {
         "inputs": {str(p): hash_path(p) for p in inputs if Path(p).exists()},
         "versions": package_versions(),
         "seed": seed,
         "wall_time_s": round(wall_time_s, 3),
         # peak resident memory of this process so far (Linux reports KiB); per process under accelerate launch
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        # CPU seconds (user + system) of this process so far: comparable across runs that shared the cores
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "command": " ".join(sys.argv),
         **extra,
     }

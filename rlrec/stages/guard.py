@@ -46,7 +46,7 @@ class Guard(TrainerCallback):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stale = 0
         self.trainer = None
-        self.started = time.time()  # reset when training begins: `seconds` in the curve is time into training
+        self.started = (time.time(), time.process_time())  # reset when training begins: time into training
 
     def attach(self, trainer) -> Guard:
         """Add the guard to `trainer`; its evaluations then also go to the trainer's log."""
@@ -62,7 +62,8 @@ class Guard(TrainerCallback):
             model.train()
         value, hr = result[self.metric], result[f"hr@{self.config.k}"]
         entry = {"step": step, self.metric: value, f"hr@{self.config.k}": hr, "users": len(self.rows),
-                 "seconds": round(time.time() - self.started, 1)}  # fmt: skip
+                 "seconds": round(time.time() - self.started[0], 1),
+                 "cpu_seconds": round(time.process_time() - self.started[1], 1)}  # fmt: skip
         self.history.append(entry)
         if value > self.best[0]:
             self.best, self.stale = (value, step), 0
@@ -88,7 +89,7 @@ class Guard(TrainerCallback):
         trainer.callback_handler.on_log(trainer.args, trainer.state, control, values)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
+        self.started = (time.time(), time.process_time())
         if self.config.at_start:
             self.evaluate(state.global_step, control)
 
