@@ -1,6 +1,6 @@
 """Build the tables and plots of docs/results.md from the runs' own metrics files.
 
-    python bench/results.py [--spec bench/results.yaml] [--doc docs/results.md]
+    python bench/results.py [--spec bench/results.yaml] [--doc docs/results.md] [--tables NAME ...]
 
 `bench/results.yaml` names, for each table, its rows: a label, the `metrics.json` files of the row's seeds (paths or
 globs under the repo) and the command that produced them. This script reads every file, refuses to put runs of
@@ -145,11 +145,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(REPO / "bench/results.yaml"))
     parser.add_argument("--doc", default=str(REPO / "docs/results.md"))
+    parser.add_argument("--tables", nargs="*", help="rebuild only these tables (default: all)")
     args = parser.parse_args()
     spec = yaml.safe_load(Path(args.spec).read_text())
     doc_path = Path(args.doc)
     doc = doc_path.read_text()
     for name, table_spec in spec["tables"].items():
+        if args.tables and name not in args.tables:
+            continue
         text, summary = build_table(name, table_spec)
         image = doc_path.parent / "img" / f"results_{name}.png"
         title = table_spec.get("title", name)
@@ -158,7 +161,7 @@ def main() -> None:
         doc = fill(doc, name, text)
         print(f"{name}: {len(summary)} rows")
     scaling_record = REPO / "docs/scaling.json"  # written by bench/scaling.py
-    if scaling_record.is_file():
+    if scaling_record.is_file() and not args.tables:
         sys.path.insert(0, str(REPO / "bench"))
         from scaling import markdown
 

@@ -105,8 +105,11 @@ def main() -> None:
         seconds = measure(name, rows, tokenizer, args.steps, args.batch, args.hidden)
         results[name] = {"cpu_s_per_step": round(seconds, 4), "targets_per_row": round(targets_per_row, 3),
                          "targets_per_cpu_s": round(args.batch * targets_per_row / seconds, 1)}  # fmt: skip
-        print(f"{name:13s} {seconds:.4f} CPU s/step, {targets_per_row:.2f} targets/row, "
-              f"{results[name]['targets_per_cpu_s']:,.1f} targets/CPU-s", flush=True)
+        print(
+            f"{name:13s} {seconds:.4f} CPU s/step, {targets_per_row:.2f} targets/row, "
+            f"{results[name]['targets_per_cpu_s']:,.1f} targets/CPU-s",
+            flush=True,
+        )
     base = results["chat-compact"]["targets_per_cpu_s"]
     print("\nlayout         targets/CPU-s   ratio to chat-compact")
     for name, row in results.items():

@@ -29,6 +29,12 @@ evaluation uses. Formulas and sources:
 - popularity    -log(1 + n_i) / log(1 + max_j n_j) with n_i the item's train interactions: a penalty in [-1, 0]
                 against popularity bias.
 - repeat        -1 if the item is already in the user's history, else 0.
+- teacher       a trained collaborative model's judgement of the item given the user's history (on-policy
+                distillation of the run's SASRec into the generative model; MiniOneRec has a SASRec-score reward
+                of this kind). `kind: logprob` (default): log p_teacher(item | history), the log-softmax of its
+                score over the catalogue; `kind: ndcg`: 1/log2(rank + 1) of the item in the teacher's full ranking.
+                Dense: every completion gets a graded value, so a group carries a gradient without a hit. The
+                teacher is the run's `sasrec` stage (`ItemTables.teacher`, supplied by the GRPO stage).
 """
 
 from __future__ import annotations
@@ -72,6 +78,13 @@ class ItemTables:
     titles: dict[str, str] = field(default_factory=dict)
     encoder: str = DEFAULT_ENCODER
     cache_dir: Path = Path("runs/cache")
+    # histories -> [len(histories), len(item_ids)] teacher log-probabilities (columns follow item_ids); the GRPO
+    # stage supplies it from the run's SASRec when a recipe names the `teacher` reward
+    teacher: Callable[[list[list[str]]], np.ndarray] | None = None
+
+    @cached_property
+    def position(self) -> dict[str, int]:
+        return {item: i for i, item in enumerate(self.item_ids)}
 
     @cached_property
     def codes(self) -> dict[str, tuple[str, ...]]:
@@ -204,6 +217,26 @@ def collaborative(batch: RewardBatch, tables: ItemTables, window: int = 5) -> li
 def popularity(batch: RewardBatch, tables: ItemTables) -> list[float]:
     scale = tables.log_max_popularity
     return [0.0 if item is None else -math.log1p(tables.popularity.get(item, 0)) / scale for item in batch.items]
+
+
+@reward("teacher")
+def teacher(batch: RewardBatch, tables: ItemTables, kind: str = "logprob") -> list[float]:
+    if tables.teacher is None:
+        raise ConfigError("reward 'teacher' needs the run's SASRec: run `rlrec baseline sasrec` first")
+    if kind not in ("logprob", "ndcg"):
+        raise ConfigError(f"reward_params.teacher.kind: 'logprob' or 'ndcg', got {kind!r}")
+    size = batch.group_size
+    histories = batch.histories[::size]  # one teacher pass per group: its G completions share the history
+    logprobs = tables.teacher(histories)
+    out = []
+    for i, item in enumerate(batch.items):
+        if item is None:
+            out.append(0.0)
+            continue
+        row = logprobs[i // size]
+        value = row[tables.position[item]]
+        out.append(float(value) if kind == "logprob" else ndcg_at_k(int((row > value).sum()) + 1, len(row)))
+    return out
 
 
 @reward("repeat")

@@ -391,6 +391,9 @@ class SFTConfig:
     rows: Literal["target", "sequence"] = "target"
     min_history: int = 1
     select: GuardConfig | None = None  # validation-based selection (best weights, early stop); None: last weights
+    # leave each user's most recent training target out of SFT, so that RL on those rows (`grpo.train_rows: last`,
+    # `dpo.train_rows: last`) learns from targets the model has not fitted yet ("fresh targets")
+    hold_out_last: bool = False
     max_length: int = 1024
     eval_splits: list[Literal["valid", "test"]] = field(default_factory=lambda: ["valid", "test"])
     eval_max_users: int | None = None  # evaluate the first N users of each split (None: all)

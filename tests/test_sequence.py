@@ -217,7 +217,8 @@ def test_grpo_and_sdpo_train_a_sequence_format_model(sequence_sft_run, tmp_path)
     out, raw = sequence_sft_run
     shutil.copytree(out / "tiny", tmp_path / "tiny")
     raw = {**raw, "output_dir": str(tmp_path)}
-    raw["grpo"] = {"num_generations": 4, "prompts_per_device": 2, "max_train_prompts": 16, "rewards": {"hit": 1.0, "sid_prefix": 1.0},
+    raw["grpo"] = {"num_generations": 4, "prompts_per_device": 2, "max_train_prompts": 16,
+                   "rewards": {"hit": 1.0, "sid_prefix": 1.0},
                    "train": {"max_steps": 2, "learning_rate": 0.01, "logging_steps": 1, "report_to": []},
                    "guard": {"eval_steps": 2, "users": 8, "keep_best": False}, "eval_max_users": 8}  # fmt: skip
     raw["dpo"] = {"negatives": {"hard": 2, "random": 1}, "max_train_prompts": 8, "beta": 0.5,

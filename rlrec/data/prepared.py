@@ -87,6 +87,18 @@ def training_sequences(data: RunData, split: str = "train", with_users: bool = F
     return list(sequences.items()) if with_users else list(sequences.values())
 
 
+def last_rows(rows: Dataset) -> list[int]:
+    """Indices of each user's most recent row of a split (rows are in time order per user)."""
+    last = {user: i for i, user in enumerate(rows["user"])}
+    return sorted(last.values())
+
+
+def without_last_rows(rows: Dataset) -> Dataset:
+    """The split without each user's most recent row: SFT's rows when those targets are held back for RL."""
+    held = set(last_rows(rows))
+    return rows.select([i for i in range(len(rows)) if i not in held])
+
+
 def window_bounds(length: int, size: int) -> list[tuple[int, int]]:
     """[start, end) of windows of at most `size` items over a sequence of `length` items, from the end, each
     overlapping the previous one by one item: every transition (item t-1 -> item t) falls in exactly one window."""

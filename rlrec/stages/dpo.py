@@ -38,6 +38,7 @@ from rlrec.errors import RlrecError
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe
 from rlrec.schema import DPOConfig, EvalConfig
+from rlrec.stages.diagnostics import Diagnostics
 from rlrec.stages.guard import make_guard
 from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
 from rlrec.stages.preferences import build_preferences, mine_hard_negatives, tokenize_preferences
@@ -117,6 +118,8 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
             unfuse_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model))
     guard = make_guard(trainer.model, tokenizer, data, eval_config, config.guard, out, label="dpo", inputs=inputs)
     guard.attach(trainer)
+    diagnostics = Diagnostics(f"dpo round {round_index}")
+    trainer.add_callback(diagnostics)
     details = (f"{config.loss} ({policy.finetune}) from {init}, {report['prompts']:,} prompts x "
                f"{config.negatives.total} negatives ({len(dataset):,} rows), negatives: {report}")  # fmt: skip
     fitted = fit(trainer, out, f"dpo round {round_index}/{config.rounds}", details, config.train.resume)
@@ -126,7 +129,7 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
     summary = {
         "round": round_index, "init": str(init), "finetune": policy.finetune, "negatives": report,
         "rows": len(dataset), "saved_step": saved_step, "mining_seconds": mined_seconds, **fitted,
-        "seconds": timer.seconds, "guard": guard.history,
+        "seconds": timer.seconds, "guard": guard.history, "warnings": diagnostics.warnings + guard.warnings,
     }  # fmt: skip
     if is_main_process():
         write_json(out / "round.json", summary)  # written last: the round is finished
@@ -173,6 +176,7 @@ def run(recipe: Recipe) -> dict | None:
         "train_loss": last["train_loss"], "steps_run": sum(r["steps_run"] for r in rounds),
         "world_size": world_size(), "train_seconds": timer.seconds,
         "trainable_parameters": last["trainable_parameters"], "rounds": rounds,
+        "warnings": [{**w, "round": r["round"]} for r in rounds for w in r.get("warnings", [])],
     }  # fmt: skip
     return finish(recipe, "dpo", data, summary, config.eval_splits, config.eval_max_users, timer)
 

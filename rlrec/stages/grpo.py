@@ -27,6 +27,7 @@ import torch
 import trl
 from trl.models.utils import unwrap_model_for_generation
 
+from rlrec.baselines import encode_histories, load_sasrec
 from rlrec.data.prepared import RunData, load_run_data, training_sequences
 from rlrec.decoding import TrieLogitsProcessor, items_from_generations
 from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
@@ -34,7 +35,8 @@ from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.recipe import Recipe
 from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
-from rlrec.schema import EvalConfig, GRPOConfig
+from rlrec.schema import EvalConfig, GRPOConfig, SASRecConfig
+from rlrec.stages.diagnostics import Diagnostics
 from rlrec.stages.guard import make_guard
 from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
@@ -134,12 +136,30 @@ def reward_functions(config: GRPOConfig, tables: ItemTables) -> list:
     return funcs
 
 
-def item_tables(recipe: Recipe, data: RunData) -> ItemTables:
+def item_tables(recipe: Recipe, data: RunData, rewards: dict) -> ItemTables:
+    teacher = sasrec_teacher(recipe, data) if "teacher" in rewards else None
     return ItemTables(
         item_ids=data.item_ids, identifiers=data.identifiers, popularity=data.popularity,
         sequences=training_sequences(data), titles={c["item_id"]: c.get("title", "") for c in data.catalog},
-        cache_dir=recipe.run_dir / "cache",
+        cache_dir=recipe.run_dir / "cache", teacher=teacher,
     )  # fmt: skip
+
+
+def sasrec_teacher(recipe: Recipe, data: RunData):
+    """The run's trained SASRec (`rlrec baseline sasrec`) as the `teacher` reward's scorer: histories -> log-softmax
+    of its scores over the catalogue, one row per history."""
+    folder = recipe.stage_dir("sasrec")
+    if not (folder / "model.pt").is_file():
+        raise RlrecError(f"reward 'teacher' needs the run's SASRec at {folder}: run `rlrec baseline sasrec` first")
+    model = load_sasrec(folder, recipe.sasrec or SASRecConfig()).eval()
+    index = {item: i + 1 for i, item in enumerate(data.item_ids)}
+
+    @torch.no_grad()
+    def score(histories: list[list[str]]):
+        scores = model.scores(encode_histories(histories, index, model.config.max_len))
+        return torch.log_softmax(scores, dim=-1).numpy()
+
+    return score
 
 
 # --- the stage ------------------------------------------------------------------------------------------------------
@@ -152,7 +172,7 @@ def run(recipe: Recipe) -> dict | None:
     out = recipe.stage_dir("grpo")
     policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
-    funcs = reward_functions(config, item_tables(recipe, data))
+    funcs = reward_functions(config, item_tables(recipe, data, config.rewards))
     inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     dataset = train_prompts(data, config.train_rows, config.max_train_prompts, recipe.seed)
     kwargs = training_arguments(config.train, out, recipe.seed)
@@ -182,6 +202,8 @@ def run(recipe: Recipe) -> dict | None:
         unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
     guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out, inputs=inputs)
     guard.attach(trainer)
+    diagnostics = Diagnostics("grpo")
+    trainer.add_callback(diagnostics)
     details = (f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts G={config.num_generations}"
                f", rewards {config.rewards}, {len(dataset):,} prompts")  # fmt: skip
     summary = fit(trainer, out, "grpo", details, config.train.resume)
@@ -191,7 +213,8 @@ def run(recipe: Recipe) -> dict | None:
     trainer.accelerator.wait_for_everyone()
     summary.update(init=str(policy.init), finetune=policy.finetune, rollout=config.rollout,
                    num_generations=config.num_generations, rewards=config.rewards, saved_step=saved_step,
-                   train_seconds=timer.seconds, train_prompts=len(dataset), guard=guard.history)  # fmt: skip
+                   train_seconds=timer.seconds, train_prompts=len(dataset), guard=guard.history,
+                   warnings=diagnostics.warnings + guard.warnings)  # fmt: skip
     if not is_main_process():
         return None
     return finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Guard(TrainerCallback):
         self.best: tuple[float, int] = (-math.inf, 0)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stale = 0
+        self.warnings: list[dict] = []
         self.trainer = None
         self.started = (time.time(), time.process_time())  # reset when training begins: time into training
 
@@ -73,12 +75,22 @@ class Guard(TrainerCallback):
             self.stale += 1
             if self.config.patience and self.stale >= self.config.patience:
                 control.should_training_stop = True
+                self._warn(step, value)
         self._log(step, {f"guard/{self.metric}": value, f"guard/hr@{self.config.k}": hr}, control)
         if is_main_process():
             print(f"rlrec {self.label} guard: step {step} {self.config.split} {self.metric} {value:.4f} "
                   f"(best {self.best[0]:.4f} at step {self.best[1]}, {len(self.rows)} users)", flush=True)  # fmt: skip
             with (self.out / "guard.jsonl").open("a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
+
+    def _warn(self, step: int, value: float) -> None:
+        best, best_step = self.best
+        message = (f"validation {self.metric} did not beat {best:.4f} (step {best_step}) for {self.stale} evaluations "
+                   f"(last {value:.4f}); training stops and keeps step {best_step}")  # fmt: skip
+        self.warnings.append({"kind": "validation_fell", "step": step, "message": message, "best": best,
+                              "best_step": best_step, "last": value})  # fmt: skip
+        if is_main_process():
+            print(f"rlrec {self.label} warning (step {step}): {message}", file=sys.stderr, flush=True)
 
     def _log(self, step: int, values: dict, control) -> None:
         """Into the trainer's log history (train_log.jsonl) and its log callbacks (TensorBoard, W&B, console)."""

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlrec.data.prepared import RunData
+from rlrec.data.prepared import RunData, last_rows
 from rlrec.errors import RlrecError
 from rlrec.items.index import identifier_codes
 from rlrec.models import BASE_MODEL_DIR, load_model
@@ -69,8 +69,7 @@ def train_prompts(data: RunData, train_rows: str, max_prompts: int | None, seed:
     """The training split's rows (all prefixes, or each user's most recent one), shuffled, optionally capped."""
     rows = data.rows("train")
     if train_rows == "last":
-        last = {user: i for i, user in enumerate(rows["user"])}
-        rows = rows.select(sorted(last.values()))
+        rows = rows.select(last_rows(rows))
     rows = rows.shuffle(seed=seed)
     if max_prompts:
         rows = rows.select(range(min(max_prompts, len(rows))))

@@ -19,7 +19,7 @@ import sys
 import trl
 from datasets import Dataset
 
-from rlrec.data.prepared import RunData, load_run_data
+from rlrec.data.prepared import RunData, load_run_data, without_last_rows
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import ConfigError
 from rlrec.models import BASE_MODEL_DIR, build_for_training
@@ -109,7 +109,8 @@ def train_sft(recipe: Recipe):
                    parameters=sum(p.numel() for p in model.parameters()), identifier_tokens=len(token_ids),
                    train_rows=len(train_dataset), targets_per_epoch=targets, epochs_run=round(trainer.state.epoch, 3),
                    targets_per_second=round(targets * trainer.state.epoch / max(train_seconds, 1e-9), 1),
-                   saved_step=saved_step, guard=guard.history if guard is not None else [])  # fmt: skip
+                   saved_step=saved_step, guard=guard.history if guard is not None else [],
+                   warnings=guard.warnings if guard is not None else [])  # fmt: skip
     return trainer, data, summary, timer
 
 
@@ -119,11 +120,14 @@ def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dat
     if data.prompt.format == "chat":
         weights = {"next_item": config.tasks.next_item, "title_to_sid": config.tasks.title_to_sid,
                    "sid_to_title": config.tasks.sid_to_title}  # fmt: skip
-        return mix_tasks(data.dataset["train"], data.catalog, weights, seed)
+        train = without_last_rows(data.rows("train")) if config.hold_out_last else data.rows("train")
+        return mix_tasks(train, data.catalog, weights, seed)
     inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
-    rows = sequence_rows(data, inputs, config.min_history) if config.rows == "sequence" else target_rows(data, inputs)
+    if config.rows == "sequence":
+        rows = sequence_rows(data, inputs, config.min_history, config.hold_out_last)
+    else:
+        rows = target_rows(data, inputs, config.hold_out_last)
     return rows.shuffle(seed=seed)
-
 
 
 def report(recipe: Recipe, metrics: dict) -> list[str]:

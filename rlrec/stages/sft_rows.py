@@ -12,19 +12,20 @@ stage's targets per second) and `user`, both dropped before training.
   each training transition is learned exactly once (`window_bounds`, as for SASRec).
 
 Only training items are ever in a row: the sequences are rebuilt from the train split (`training_sequences`:
-items[:-2] under leave-one-out), never from the valid or test positions.
+items[:-2] under leave-one-out), never from the valid or test positions. With `hold_out_last` each user's last
+training item is left out too (`sft.hold_out_last`): fresh targets for RL (`grpo.train_rows: last`).
 """
 
 from __future__ import annotations
 
 from datasets import Dataset
 
-from rlrec.data.prepared import RunData, training_sequences, window_bounds
+from rlrec.data.prepared import RunData, training_sequences, window_bounds, without_last_rows
 from rlrec.decoding.inputs import ModelInputs
 
 
-def target_rows(data: RunData, inputs: ModelInputs) -> Dataset:
-    train = data.rows("train")
+def target_rows(data: RunData, inputs: ModelInputs, hold_out_last: bool = False) -> Dataset:
+    train = without_last_rows(data.rows("train")) if hold_out_last else data.rows("train")
     ids, masks = [], []
     for history, target in zip(train["history"], train["target"], strict=True):
         prompt, answer = inputs.history_ids(history), inputs.blocks[target]
@@ -34,10 +35,11 @@ def target_rows(data: RunData, inputs: ModelInputs) -> Dataset:
                               "user": list(train["user"])})  # fmt: skip
 
 
-def sequence_rows(data: RunData, inputs: ModelInputs, min_history: int) -> Dataset:
+def sequence_rows(data: RunData, inputs: ModelInputs, min_history: int, hold_out_last: bool = False) -> Dataset:
     size = data.stats["max_history"] + 1
     ids, masks, targets, users = [], [], [], []
     for user, sequence in training_sequences(data, with_users=True):
+        sequence = sequence[:-1] if hold_out_last else sequence
         for start, end in window_bounds(len(sequence), size):
             row, mask, learned = list(inputs.prefix), [0] * len(inputs.prefix), 0
             for index in range(start, end):
