@@ -236,3 +236,11 @@ def test_grpo_and_sdpo_train_a_sequence_format_model(sequence_sft_run, tmp_path)
     log = [json.loads(line) for line in (recipe.stage_dir("grpo") / "train_log.jsonl").open()]
     assert all(row["rollout/valid_rate"] == 1.0 for row in log if "rollout/valid_rate" in row)
     assert any("rollout/valid_rate" in row for row in log)
+
+
+def test_sequence_rows_on_chat_data_are_refused(shared_data, prepared, tmp_path):
+    from tests.conftest import recipe_with_data
+
+    recipe = recipe_with_data(shared_data, prepared, tmp_path, rows="sequence")
+    with pytest.raises(ConfigError, match="sft.rows: sequence needs data.prompt.format: sequence"):
+        sft.run(recipe)

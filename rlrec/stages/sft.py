@@ -59,15 +59,7 @@ def train_sft(recipe: Recipe):
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     out = recipe.stage_dir("sft")
-    identifier, prompt_format = data.stats["identifier"], data.prompt.format
-    alignment = bool(config.tasks.title_to_sid or config.tasks.sid_to_title)
-    if identifier != "sid" and alignment:
-        raise ConfigError(f"sft.tasks title_to_sid / sid_to_title need semantic IDs; this data uses '{identifier}'")
-    if prompt_format == "sequence" and (alignment or config.tasks.next_item != 1.0):
-        raise ConfigError("sft.tasks: the sequence prompt format trains next items only (tasks: {next_item: 1.0})")
-    if config.rows == "sequence" and prompt_format != "sequence":
-        raise ConfigError("sft.rows: sequence needs data.prompt.format: sequence (the history must be the text the "
-                          "model continues); rerun `rlrec data prepare` with it")  # fmt: skip
+    alignment = check_rows(config, data)
     texts = tokenizer_texts(data.dataset, data.catalog, with_titles=alignment)
     model, tokenizer, token_ids = build_for_training(config.model, data.identifiers, texts, recipe.seed)
     finetune = config.resolved_finetune()
@@ -112,6 +104,20 @@ def train_sft(recipe: Recipe):
                    saved_step=saved_step, guard=guard.history if guard is not None else [],
                    warnings=guard.warnings if guard is not None else [])  # fmt: skip
     return trainer, data, summary, timer
+
+
+def check_rows(config: SFTConfig, data: RunData) -> bool:
+    """Refuse row settings the prepared data cannot give; return whether alignment tasks are on."""
+    identifier, prompt_format = data.stats["identifier"], data.prompt.format
+    alignment = bool(config.tasks.title_to_sid or config.tasks.sid_to_title)
+    if identifier != "sid" and alignment:
+        raise ConfigError(f"sft.tasks title_to_sid / sid_to_title need semantic IDs; this data uses '{identifier}'")
+    if prompt_format == "sequence" and (alignment or config.tasks.next_item != 1.0):
+        raise ConfigError("sft.tasks: the sequence prompt format trains next items only (tasks: {next_item: 1.0})")
+    if config.rows == "sequence" and prompt_format != "sequence":
+        raise ConfigError("sft.rows: sequence needs data.prompt.format: sequence (the history must be the text the "
+                          "model continues); rerun `rlrec data prepare` with it")  # fmt: skip
+    return alignment
 
 
 def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dataset:
