@@ -107,4 +107,4 @@ def test_every_shipped_recipe_parses_and_plans():
         recipe = load_config(Recipe, path)
         assert recipe.planned_stages()[0] in ("items", "data"), path
     demo = load_config(Recipe, REPO / "recipes" / "quickstart.yaml")
-    assert demo.planned_stages() == ["items", "data", "most_popular", "sft", "grpo", "eval"]
+    assert demo.planned_stages() == ["items", "data", "most_popular", "sasrec", "sft", "grpo", "eval"]
