@@ -9,8 +9,8 @@ A grid varies either GRPO's rewards (`reward_sets`: name -> {reward: weight}) or
 When the recipe's SFT model does not exist yet, the pipeline runs the stages up to SFT first (`rlrec pipeline`).
 
 Every cell is a full `rlrec grpo` / `rlrec dpo` run in its own process (its own folder under
-`runs/<name>/ablations/<grid>/cells/<set>-s<seed>/`, with the run's `data` and `sft` linked in, never copied or
-retrained), so cells are independent and a crashed cell does not take the others down. A cell whose
+`runs/<name>/ablations/<grid>/cells/<set>-s<seed>/`, with the run's `data`, `sft` (and `sasrec`) linked in, never
+copied or retrained), so cells are independent and a crashed cell does not take the others down. A cell whose
 `<stage>/metrics.json` exists is not rerun. The table reports test metrics as mean and sample standard deviation
 over seeds, next to the SFT model the cells start from, and each variant's difference to the grid's `reference`,
 under one protocol (the run's split, full catalogue). Outputs: `results.json` (every cell's metrics, guard curve and
@@ -90,11 +90,14 @@ def cell_recipe(base: Recipe, grid: AblationGrid, name: str, seed: int, cells: P
 
 
 def link_inputs(base: Recipe, cell_dir: Path) -> None:
-    """The cell reads the run's prepared data and SFT model through symlinks."""
+    """The cell reads the run's prepared data and SFT model (and its SASRec, the `teacher` reward's scorer, when the
+    run has one) through symlinks."""
     cell_dir.mkdir(parents=True, exist_ok=True)
-    for stage in ("data", "sft"):
+    for stage in ("data", "sft", "sasrec"):
         source, link = base.stage_dir(stage).resolve(), cell_dir / stage
         if not source.is_dir():
+            if stage == "sasrec":
+                continue
             raise RlrecError(f"{source}: missing; run the '{stage}' stage of {base.name} before the ablation")
         if not link.exists():
             os.symlink(source, link)
