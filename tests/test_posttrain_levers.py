@@ -88,8 +88,8 @@ def test_held_back_targets_never_reach_sft_and_are_the_rl_prompts(prepared):
     tokenizer = build_tokenizer(["History:", *data.identifiers.values()])
     from rlrec.schema import PromptConfig
 
-    inputs = ModelInputs.build(tokenizer, data.identifiers, PromptConfig(format="sequence", identifier="sid",
-                                                                         template="History: {history}", separator=" "))  # fmt: skip
+    prompt = PromptConfig(format="sequence", identifier="sid", template="History: {history}", separator=" ")
+    inputs = ModelInputs.build(tokenizer, data.identifiers, prompt)
     sequences = dict(training_sequences(data, with_users=True))
     rl = train_prompts(data, "last", None, seed=0)  # what GRPO / DPO train on with train_rows: last
     held = {user: target for user, target in zip(rl["user"], rl["target"], strict=True)}
