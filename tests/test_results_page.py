@@ -91,3 +91,16 @@ def test_shipped_spec_names_only_recipes_that_exist():
             for word in row.get("command", "").split():
                 if word.startswith("recipes/") or word.startswith("rewards/"):
                     assert (REPO / word).is_file(), f"{row['label']}: {word} does not exist"
+
+
+def test_shipped_sft_lever_spec_names_only_recipes_that_exist():
+    """bench/sft_levers.yaml: every table has its markers in docs/sft.md and every command names real files."""
+    spec = yaml.safe_load((REPO / "bench/sft_levers.yaml").read_text())
+    doc = (REPO / "docs/sft.md").read_text()
+    for name, table in spec["tables"].items():
+        assert f"<!-- table:levers_{name} -->" in doc and f"<!-- /table:levers_{name} -->" in doc
+        for row in [table["baseline"], *table["rows"]]:
+            assert row["label"] and row["metrics"]
+            for word in row.get("command", "").split():
+                if word.startswith("recipes/") or word.startswith("rewards/"):
+                    assert (REPO / word).is_file(), f"{row['label']}: {word} does not exist"
