@@ -39,7 +39,7 @@ from rlrec.errors import ConfigError, RlrecError
 from rlrec.pipeline import run_pipeline
 from rlrec.recipe import Recipe
 
-METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "coverage@10")
+METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "coverage@10", "tail_share@10")
 
 
 @dataclass
