@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from rlrec.ablate import run_ablation
 from rlrec.config import load_config
-from rlrec.errors import RlrecError
+from rlrec.errors import RlrecError, run_reporting_errors
 from rlrec.pipeline import run_pipeline
 from rlrec.recipe import Recipe
 
@@ -97,12 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     _, target = COMMANDS[args.words]
     handler = _stage if isinstance(target, str) else target
-    try:
-        handler(args, overrides)
-    except RlrecError as err:
-        print(f"rlrec: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(lambda: handler(args, overrides))
 
 
 if __name__ == "__main__":

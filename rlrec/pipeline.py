@@ -19,18 +19,20 @@ At the end, `runs/<name>/summary.md` tabulates every stage's test HR@10 / NDCG@1
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rlrec.config import dump_config, to_dict
-from rlrec.errors import ConfigError, RlrecError
+from rlrec.errors import ConfigError, RlrecError, Stopped
 from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe
 
 KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
@@ -79,9 +81,34 @@ def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
                    "-m", module, "--config", str(recipe_file)]  # fmt: skip
     print(f"rlrec pipeline: {' '.join(command[2:] if config.launcher == 'accelerate' else command)}", flush=True)
-    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if result.returncode != 0:
-        raise RlrecError(f"stage {stage} failed (exit code {result.returncode}); rerun the pipeline to resume it")
+    code, stopped_by = run_child(command)
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt
+    if stopped_by is not None:
+        raise Stopped(stopped_by.name)
+    if code != 0:
+        raise RlrecError(f"stage {stage} failed (exit code {code}); rerun the pipeline to resume it")
+
+
+def run_child(command: list[str]) -> tuple[int, signal.Signals | None]:
+    """Run a training stage in its own process group and pass SIGTERM / SIGINT on to all of it: `timeout`, a
+    scheduler or Ctrl-C stopping the pipeline must stop the launcher and the trainer under it too, or the trainer
+    keeps writing checkpoints into the folder a rerun resumes from. Returns the exit code and the signal passed on,
+    if one was (the pipeline then stops as its stage did)."""
+    child = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    received: list[signal.Signals] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signal.Signals(signum))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait(), (received[0] if received else None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_pipeline(recipe: Recipe, until: str | None = None) -> str:
@@ -91,6 +118,10 @@ def run_pipeline(recipe: Recipe, until: str | None = None) -> str:
     stages = recipe.planned_stages()
     if until is not None:
         stages = [s for s in stages if ORDER.index(s) <= ORDER.index(until)]
+    launched = [s for s in stages if STAGE[s].launched]
+    if launched and config.launcher == "accelerate" and not Path(config.accelerate_config).is_file():
+        raise ConfigError(f"pipeline.accelerate_config: {config.accelerate_config} does not exist (cwd {Path.cwd()}); "
+                          f"the stages {launched} run under it")  # checked before any stage runs  # fmt: skip
     keys = stage_keys(recipe, stages)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     recipe_file = recipe.run_dir / "recipe.yaml"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rlrec.config import to_dict
 from rlrec.errors import ConfigError
 from rlrec.schema import DataConfig, DPOConfig, EvalConfig, GRPOConfig, ItemsConfig, SASRecConfig, SFTConfig
 
@@ -116,3 +117,12 @@ class Recipe:
             if path.is_dir():
                 return path
         return None
+
+
+def stage_inputs(recipe: Recipe, stage: str) -> dict:
+    """What a training stage's checkpoints were made from: the seed and the recipe sections read by the stage and
+    by every stage before it (the pipeline's key, as a readable dict). A rerun resumes only from checkpoints made
+    with the same inputs (rlrec.stages.training.last_checkpoint)."""
+    upto = ORDER[: ORDER.index(stage) + 1]
+    names = sorted({name for s in STAGES if s.name in upto for name in s.reads})
+    return {"seed": recipe.seed, "sections": {name: to_dict(getattr(recipe, name, None)) for name in names}}

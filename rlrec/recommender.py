@@ -54,6 +54,10 @@ class Recommender:
     def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-k per history, batched as in evaluation (the recipe's eval batch size, beam width and history
         exclusion), so the run's test rows give the stage's test metrics."""
+        if isinstance(histories, str) or any(isinstance(h, str) for h in histories):
+            raise RlrecError("a history is a list of item ids, oldest first (e.g. ['12', '7']), not a string")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise RlrecError(f"k must be a positive integer, got {k!r}")
         unknown = sorted({item for history in histories for item in history if item not in self.identifiers})
         if unknown:
             raise RlrecError(f"{len(unknown)} history item id(s) not in the catalogue, e.g. {unknown[:5]}")
@@ -73,7 +77,13 @@ def load(path_or_repo_id: str | Path, device: str | None = None, revision: str |
             raise RlrecError(f"{path_or_repo_id}: neither a local folder nor a Hub repo id (user/name)")
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(path_or_repo_id), revision=revision))
+        try:
+            path = Path(snapshot_download(str(path_or_repo_id), revision=revision))
+        except Exception as err:  # offline, unknown repo, no access: huggingface_hub raises several types
+            raise RlrecError(
+                f"{path_or_repo_id}: no such local folder, and the Hub download failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
     meta = path / META_DIR
     if not (meta / "catalog.jsonl").is_file():
         raise RlrecError(f"{path}: not a published rlrec folder (no {META_DIR}/catalog.jsonl); see `rlrec publish`")

@@ -94,7 +94,7 @@ def read_items_table(path: Path, columns: ColumnsConfig, config: SourceConfig, b
     key = columns.item_key or columns.item
     items: dict[str, Item] = {}
     checked = False
-    for where, row, problem in iter_rows(path, config.delimiter, config.encoding or "utf-8"):
+    for where, row, problem in iter_rows(path, config.delimiter, config.encoding or "utf-8-sig"):
         if problem is not None:
             bad("bad_item_row", f"{where}: {problem}")
             continue
@@ -128,7 +128,7 @@ def read_generic(config: SourceConfig) -> RawData:
     events: list[Event] = []
     seen_items: dict[str, None] = {}
     checked = False
-    for where, row, problem in iter_rows(path, config.delimiter, config.encoding or "utf-8"):
+    for where, row, problem in iter_rows(path, config.delimiter, config.encoding or "utf-8-sig"):
         if problem is not None:
             bad("bad_field_count", f"{where}: {problem}")
             continue

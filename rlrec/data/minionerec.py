@@ -47,8 +47,15 @@ def read_info(path: Path, bad: BadRows) -> tuple[Catalog, dict[str, list[str]]]:
 
 def read_samples(path: Path, catalog: Catalog, bad: BadRows) -> list[Sample]:
     csv.field_size_limit(sys.maxsize)
+    try:
+        return _read_samples(path, catalog, bad)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {err.start}); MiniOneRec exports are UTF-8") from None
+
+
+def _read_samples(path: Path, catalog: Catalog, bad: BadRows) -> list[Sample]:
     samples = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: utf-8 that drops a BOM
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from rlrec.config import from_dict
 from rlrec.data.types import Catalog, Interactions, RawData, Sample
-from rlrec.errors import RlrecError
+from rlrec.errors import DataError, RlrecError
 from rlrec.schema import DataConfig, PromptConfig
 
 
@@ -110,8 +110,20 @@ def window_bounds(length: int, size: int) -> list[tuple[int, int]]:
 
 
 def read_catalog(path: str | Path) -> list[dict]:
-    """`catalog.jsonl`: one {"item_id", "title", "identifier", "attributes"} per line, in catalogue order."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    """`catalog.jsonl`: one {"item_id", "title", "identifier", "attributes"} per line, in catalogue order; a line
+    that is not such an object (a truncated or edited file) is an error naming the file and line."""
+    items = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: invalid JSON at column {err.colno} ({err.msg}); truncated?") from None
+        if not isinstance(item, dict) or not {"item_id", "identifier"} <= item.keys():
+            raise DataError(f"{path}:{number}: expected an object with item_id and identifier")
+        items.append(item)
+    if not items:
+        raise DataError(f"{path}: empty catalogue")
+    return items
 
 
 def load_run_data(data_dir: str | Path) -> RunData:

@@ -46,12 +46,32 @@ def run(recipe: Recipe) -> dict:
     notes: Counter = Counter()
     identifiers = build_identifiers(config.prompt.identifier, raw.catalog, raw.sid_index, notes,
                                     raw.sid_index_source or "index.json")  # fmt: skip
-    dataset = build_dataset(splits, identifiers, config.prompt)
     stats = compute_stats(raw, splits, config, notes)
+    check_not_empty(config, stats)
+    dataset = build_dataset(splits, identifiers, config.prompt)
     write_prepared(recipe.stage_dir("data"), dataset, raw.catalog, identifiers, raw.interactions, raw.sid_index, stats)
     inputs = [p for p in (config.source.path, config.source.items_path, config.source.index_path, index_path) if p]
     write_outputs(recipe, "data", inputs, timer)
     return stats
+
+
+def check_not_empty(config: DataConfig, stats: dict) -> None:
+    """Every later stage needs train, valid and test samples: an empty split is an error here, with what was read,
+    not an IndexError in the stage after."""
+    # A given split has the export's splits only (MiniOneRec's public one has no train split: evaluation only,
+    # unless split.train_from: valid); the others always have all three.
+    required = ["test", *stats["splits"]] if config.split.method == "given" else ["train", "valid", "test"]
+    empty = [name for name in ("train", "valid", "test") if name in required and not stats["splits"].get(name)]
+    if not empty:
+        return
+    interactions = "?" if stats["num_interactions"] is None else f"{stats['num_interactions']:,}"
+    need = {"leave_one_out": "users with 3 interactions or more (valid and test samples), some with 4 or more (train)",
+            "temporal": "enough interactions in each time window (split.ratios)",
+            "given": "rows in each of the export's split files"}[config.split.method]  # fmt: skip
+    skipped = f", skipped {json.dumps(stats['skipped'])}" if stats["skipped"] else ""
+    raise RlrecError(f"{config.source.path}: no {' / '.join(empty)} samples ({stats['num_users']:,} users, "
+                     f"{stats['num_items']:,} items, {interactions} interactions after filtering{skipped}); "
+                     f"{config.split.method} needs {need}")  # fmt: skip
 
 
 def report(recipe: Recipe, stats: dict) -> list[str]:

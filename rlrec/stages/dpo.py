@@ -36,7 +36,7 @@ from rlrec.data.prepared import RunData, load_run_data
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.models import BASE_MODEL_DIR
-from rlrec.recipe import Recipe
+from rlrec.recipe import Recipe, stage_inputs
 from rlrec.schema import DPOConfig, EvalConfig
 from rlrec.stages.diagnostics import Diagnostics
 from rlrec.stages.guard import make_guard
@@ -122,7 +122,8 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
     trainer.add_callback(diagnostics)
     details = (f"{config.loss} ({policy.finetune}) from {init}, {report['prompts']:,} prompts x "
                f"{config.negatives.total} negatives ({len(dataset):,} rows), negatives: {report}")  # fmt: skip
-    fitted = fit(trainer, out, f"dpo round {round_index}/{config.rounds}", details, config.train.resume)
+    label = f"dpo round {round_index}/{config.rounds}"
+    fitted = fit(trainer, out, label, details, config.train.resume, stage_inputs(recipe, "dpo"))
     saved_step = guard.restore_best() if config.guard.keep_best else trainer.state.global_step
     trainer.save_model(str(out / "model"))
     copy_base_model(policy, out)

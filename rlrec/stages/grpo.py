@@ -33,7 +33,7 @@ from rlrec.decoding import TrieLogitsProcessor, items_from_generations
 from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
-from rlrec.recipe import Recipe
+from rlrec.recipe import Recipe, stage_inputs
 from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
 from rlrec.schema import EvalConfig, GRPOConfig, SASRecConfig
 from rlrec.stages.diagnostics import Diagnostics
@@ -206,7 +206,7 @@ def run(recipe: Recipe) -> dict | None:
     trainer.add_callback(diagnostics)
     details = (f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts G={config.num_generations}"
                f", rewards {config.rewards}, {len(dataset):,} prompts")  # fmt: skip
-    summary = fit(trainer, out, "grpo", details, config.train.resume)
+    summary = fit(trainer, out, "grpo", details, config.train.resume, stage_inputs(recipe, "grpo"))
     saved_step = guard.restore_best() if config.guard.keep_best else trainer.state.global_step
     trainer.save_model(str(out / "model"))
     copy_base_model(policy, out)

@@ -11,6 +11,12 @@ worse on them than a shorter one.
 Every process evaluates the same users (no communication, identical decisions, and ZeRO-3's sharded forward stays
 in step). The curve goes to `<stage>/guard.jsonl`, to the trainer's log (`train_log.jsonl`, TensorBoard) as
 `guard/ndcg@K`, and to the stage's `metrics.json` (`training.guard`).
+
+A killed run resumes with its guard: every checkpoint holds the guard's state (`guard_state.json`: the curve, the
+best score and step, the count of evaluations without a gain, the warnings; `guard_best.safetensors`: the best
+weights), written into the checkpoint folder before transformers writes `trainer_state.json` last, so a checkpoint
+that can be resumed from has it. Without it a resumed run would forget step 0 (the start model) and every best
+seen before the kill, and could save weights worse on validation than the ones it started from.
 """
 
 from __future__ import annotations
@@ -22,13 +28,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from rlrec.data.prepared import RunData
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.evaluate import evaluate_generative
 from rlrec.schema import EvalConfig, GuardConfig
-from rlrec.stages.runner import is_main_process
+from rlrec.stages.training import is_main_process
+
+STATE_FILE = "guard_state.json"
+BEST_FILE = "guard_best.safetensors"
 
 
 class Guard(TrainerCallback):
@@ -102,20 +112,60 @@ class Guard(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = (time.time(), time.process_time())
-        if self.config.at_start:
+        if state.global_step > 0:  # resumed from a checkpoint
+            self._load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+        elif self.config.at_start:
             self.evaluate(state.global_step, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.config.eval_steps != "epoch" and state.global_step % self.config.eval_steps == 0:
             self.evaluate(state.global_step, control)
+        if control.should_save:  # transformers saves this step's checkpoint next: the guard's state goes in first
+            self._save_state(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.config.eval_steps == "epoch":
             self.evaluate(state.global_step, control)
+            if (Path(args.output_dir) / f"checkpoint-{state.global_step}").is_dir():  # saved at the epoch's last step
+                self._save_state(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.history or self.history[-1]["step"] != state.global_step:
             self.evaluate(state.global_step, control)
+
+    def _save_state(self, args, state) -> None:
+        if not is_main_process():
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.best_state is not None:
+            save_file(self.best_state, str(folder / BEST_FILE))
+        payload = {"history": self.history, "best": list(self.best), "stale": self.stale, "warnings": self.warnings,
+                   "has_best_state": self.best_state is not None}  # fmt: skip
+        partial = folder / f".{STATE_FILE}.partial"  # whole or absent, never half written
+        partial.write_text(json.dumps(payload), encoding="utf-8")
+        partial.replace(folder / STATE_FILE)
+
+    def _load_state(self, folder: Path, step: int) -> None:
+        """Continue the guard of the run that wrote `folder`; the curve file is rewritten to match it."""
+        path = folder / STATE_FILE
+        if not path.is_file():
+            message = (f"{folder} has no guard state (made before rlrec saved it): the guard restarts at step {step} "
+                       "and the evaluations before it, the start model's included, are not candidates")  # fmt: skip
+            self.warnings.append({"kind": "guard_state_missing", "step": step, "message": message})
+            if is_main_process():
+                print(f"rlrec {self.label} warning (step {step}): {message}", file=sys.stderr, flush=True)
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        self.history, self.stale, self.warnings = saved["history"], saved["stale"], saved["warnings"]
+        self.best = (saved["best"][0], saved["best"][1])
+        if saved["has_best_state"]:
+            self.best_state = load_file(str(folder / BEST_FILE))
+        if is_main_process():
+            with (self.out / "guard.jsonl").open("w", encoding="utf-8") as log:
+                log.writelines(json.dumps(entry) + "\n" for entry in self.history)
+            print(f"rlrec {self.label} guard: resumed at step {step} with {len(self.history)} evaluations (best "
+                  f"{self.best[0]:.4f} at step {self.best[1]})", flush=True)  # fmt: skip
 
     def restore_best(self) -> int:
         """Load the best evaluated weights back; returns the step they come from."""

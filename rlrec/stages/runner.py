@@ -25,20 +25,16 @@ import torch
 
 from rlrec.config import dump_config, load_config
 from rlrec.data.prepared import RunData
-from rlrec.errors import RlrecError
+from rlrec.errors import RlrecError, run_reporting_errors
 from rlrec.evaluate import evaluate_generative
 from rlrec.manifest import write_manifest
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.schema import EvalConfig
-from rlrec.stages.training import checkpoint_step, last_checkpoint, trainable_parameters
+from rlrec.stages.training import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
 from rlrec.upstream import tensorboard_dir
 
 T = TypeVar("T")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def world_size() -> int:
@@ -71,10 +67,11 @@ def build_trainer(label: str, out: Path, build: Callable[[], T]) -> T:
         raise RlrecError(f"cannot set up {label.upper()}: {err}") from None
 
 
-def fit(trainer, out: Path, label: str, details: str, resume: bool) -> dict:
-    """Resume from the stage's last complete checkpoint (when `resume`), print the banner, train, and write TRL's log
-    to `out/train_log.jsonl`; return the summary every training stage records."""
-    checkpoint = last_checkpoint(out, resume)
+def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict) -> dict:
+    """Resume from the stage's last complete checkpoint made from the same `inputs` (when `resume`; see
+    last_checkpoint), print the banner, train, and write TRL's log to `out/train_log.jsonl`; return the summary
+    every training stage records."""
+    checkpoint = last_checkpoint(out, resume, inputs, label.split()[0])
     kind = trainer.accelerator.distributed_type.value
     if is_main_process():
         print(f"rlrec {label}: world size {world_size()} ({kind}), {details}, resume from {checkpoint or 'scratch'}",
@@ -146,14 +143,12 @@ def finish_distributed() -> None:
 
 def stage_main(prog: str, run: Callable[[Recipe], object], argv: list[str] | None) -> int:
     """`[accelerate launch] -m rlrec.stages.<x> --config <recipe> [overrides]`: run the stage, print an RlrecError as
-    one line (exit 2), and leave the process group cleanly (see finish_distributed)."""
+    one line (exit 2; 130 / 143 when SIGINT / SIGTERM stop it), and leave the process group cleanly (see
+    finish_distributed)."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", required=True)
     args, overrides = parser.parse_known_args(argv)
-    try:
-        run(load_config(Recipe, args.config, overrides))
-    except RlrecError as err:
-        print(f"rlrec: error: {err}", file=sys.stderr)
-        return 2
-    finish_distributed()
-    return 0
+    code = run_reporting_errors(lambda: run(load_config(Recipe, args.config, overrides)))
+    if code == 0:
+        finish_distributed()
+    return code

@@ -24,7 +24,7 @@ from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import ConfigError
 from rlrec.models import BASE_MODEL_DIR, build_for_training
 from rlrec.prompts import mix_tasks
-from rlrec.recipe import Recipe
+from rlrec.recipe import Recipe, stage_inputs
 from rlrec.schema import EvalConfig, SFTConfig
 from rlrec.stages.guard import make_guard
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
@@ -90,7 +90,7 @@ def train_sft(recipe: Recipe):
         guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.select, out, "sft")
         guard.attach(trainer)
     details = f"{finetune} fine-tuning, {config.rows} rows: {len(train_dataset):,} rows, {targets:,} targets an epoch"
-    summary = fit(trainer, out, "sft", details, config.train.resume)
+    summary = fit(trainer, out, "sft", details, config.train.resume, stage_inputs(recipe, "sft"))
     saved_step = trainer.state.global_step
     if guard is not None and config.select.keep_best:
         saved_step = guard.restore_best()
@@ -109,6 +109,9 @@ def train_sft(recipe: Recipe):
 def check_rows(config: SFTConfig, data: RunData) -> bool:
     """Refuse row settings the prepared data cannot give; return whether alignment tasks are on."""
     identifier, prompt_format = data.stats["identifier"], data.prompt.format
+    if "train" not in data.dataset:
+        raise ConfigError(f"{data.path}: the prepared data has no train split (an export without one, as "
+                          "MiniOneRec's: set data.split.train_from: valid and prepare again)")  # fmt: skip
     alignment = bool(config.tasks.title_to_sid or config.tasks.sid_to_title)
     if identifier != "sid" and alignment:
         raise ConfigError(f"sft.tasks title_to_sid / sid_to_title need semantic IDs; this data uses '{identifier}'")

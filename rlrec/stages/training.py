@@ -7,6 +7,9 @@ GPU is an error (TRL's own message on CPU, "Your setup doesn't support bf16/gpu"
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,22 +67,71 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int) -> dict:
     }
 
 
-def last_checkpoint(output_dir: Path, resume: bool) -> str | None:
-    """The newest complete checkpoint under `<stage>/checkpoints`, or None.
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
+
+# Settings a resumed run may change: how long it trains, how it logs and saves, what it evaluates at the end.
+RESUMABLE = {"train.epochs", "train.max_steps", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+             "train.report_to", "train.resume", "eval_splits", "eval_max_users"}  # fmt: skip
+INPUTS_FILE = "inputs.json"  # in <stage>/checkpoints: what the checkpoints there were made from
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin")
+
+
+def last_checkpoint(output_dir: Path, resume: bool, inputs: dict, stage: str) -> str | None:
+    """The newest complete checkpoint under `<stage>/checkpoints` made from the same `inputs`, or None.
+
+    Checkpoints made from other inputs (another seed, data, model size or learning rate in the recipe) are never
+    resumed silently: with `train.resume` the run stops and names what differs; with `resume: false` they are
+    cleared and training starts over. Changing only how long a run trains, logs or saves (RESUMABLE) is fine.
     transformers writes a checkpoint folder piece by piece and `trainer_state.json` last, so a process killed while
-    saving leaves a folder that cannot be resumed from; such folders are skipped (and named) rather than crashing
-    the resumed run."""
+    saving leaves a folder that cannot be resumed from; such folders, and folders without weights, are skipped
+    (and named) for the one before them rather than crashing the resumed run."""
     folder = output_dir / "checkpoints"
-    if not resume or not folder.is_dir():
-        return None
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    if found and not resume and is_main_process():
+        print(f"rlrec: {stage}.train.resume is false: removing {len(found)} checkpoint(s) in {folder}", file=sys.stderr)
+        shutil.rmtree(folder)
+    elif found:
+        record = folder / INPUTS_FILE
+        before = json.loads(record.read_text()) if record.is_file() else None
+        changed = _changes(before, inputs, stage)
+        if changed:
+            raise ConfigError(f"{folder} holds checkpoints of a run with other inputs ({changed}); delete the folder, "
+                              f"or set {stage}.train.resume=false to start over")  # fmt: skip
+    if is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{INPUTS_FILE}.partial"  # written whole, then renamed: other ranks read it
+        partial.write_text(json.dumps(inputs, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(partial, folder / INPUTS_FILE)
+    if not resume:
+        return None
     for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        if (path / "trainer_state.json").is_file():
+        if not (path / "trainer_state.json").is_file():
+            print(f"rlrec: {path} is incomplete (no trainer_state.json; killed while saving?), not resuming from it",
+                  file=sys.stderr)  # fmt: skip
+        elif not any((path / name).is_file() for name in WEIGHTS):
+            print(f"rlrec: {path} has no weights ({' / '.join(WEIGHTS)}), not resuming from it", file=sys.stderr)
+        else:
             return str(path)
-        print(f"rlrec: {path} is incomplete (no trainer_state.json; killed while saving?), not resuming from it",
-              file=sys.stderr)  # fmt: skip
     return None
+
+
+def _changes(before: dict | None, now: dict, stage: str) -> str:
+    """The settings that differ between two stage inputs, as 'key: old -> new' (RESUMABLE ones aside)."""
+    if before is None:
+        return "no record of the inputs they were made from"
+    old, new = _flat(before), _flat(now)
+    resumable = {f"sections.{stage}.{key}" for key in RESUMABLE}
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in resumable]
+    shown = [f"{k.removeprefix('sections.')}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5]]
+    return "; ".join(shown) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 def checkpoint_step(checkpoint: str | None) -> int:

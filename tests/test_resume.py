@@ -1,0 +1,161 @@
+"""Nothing lost, nothing mixed: a resumed stage keeps its guard (the curve, the best score and weights, step 0
+included), never resumes from checkpoints of other inputs, skips a checkpoint without weights, stopping the
+pipeline stops its trainer too, and data that leaves a split empty is an error at `data prepare`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlrec.config import from_dict
+from rlrec.errors import ConfigError, RlrecError
+from rlrec.recipe import Recipe
+from rlrec.stages import data as data_stage
+from rlrec.stages import sft
+from tests.conftest import REPO, tiny_pipeline
+
+
+def guarded_recipe(out: Path, **train) -> dict:
+    """The tiny synthetic recipe with a guard every 10 steps (step 0 included), a checkpoint every 10 steps kept,
+    and a learning rate high enough that validation moves between evaluations."""
+    raw = tiny_pipeline(out, max_steps=40)
+    raw["sft"]["select"] = {"eval_steps": 10, "users": 60, "patience": 0, "at_start": True}
+    raw["sft"]["train"].update({"save_steps": 10, "save_total_limit": 10, "learning_rate": 0.05, **train})
+    return raw
+
+
+def curve(metrics: dict) -> list[tuple[int, float]]:
+    return [(g["step"], g["ndcg@10"]) for g in metrics["training"]["guard"]]
+
+
+def test_a_resumed_run_keeps_its_guard_state(tmp_path):
+    """Killed after checkpoint 20 (simulated: a copy of the run folder holding only the data and checkpoint-20), the
+    rerun resumes with the guard's evaluations 0, 10 and 20 and their best weights, not from a blank guard."""
+    first = from_dict(Recipe, guarded_recipe(tmp_path / "a"))
+    data_stage.run(first)
+    whole = sft.run(first)
+    assert [step for step, _ in curve(whole)] == [0, 10, 20, 30, 40]
+
+    second = from_dict(Recipe, guarded_recipe(tmp_path / "b"))
+    shutil.copytree(first.stage_dir("data"), second.stage_dir("data"))
+    kept = second.stage_dir("sft") / "checkpoints"
+    kept.mkdir(parents=True)
+    shutil.copytree(first.stage_dir("sft") / "checkpoints" / "checkpoint-20", kept / "checkpoint-20")
+    shutil.copy(first.stage_dir("sft") / "checkpoints" / "inputs.json", kept / "inputs.json")
+    state = json.loads((kept / "checkpoint-20" / "guard_state.json").read_text())
+    assert [g["step"] for g in state["history"]] == [0, 10, 20]
+
+    resumed = sft.run(second)
+    training = resumed["training"]
+    assert training["resumed_from"].endswith("checkpoint-20") and training["steps_run"] == 20
+    assert [step for step, _ in curve(resumed)] == [0, 10, 20, 30, 40]
+    assert curve(resumed)[:3] == curve(whole)[:3]  # restored, not re-evaluated
+    best_step = max(curve(resumed), key=lambda point: point[1])[0]
+    assert training["saved_step"] == best_step
+    lines = [json.loads(line) for line in (second.stage_dir("sft") / "guard.jsonl").open()]
+    assert [line["step"] for line in lines] == [0, 10, 20, 30, 40]
+
+
+def test_checkpoints_of_other_inputs_are_never_resumed(tmp_path):
+    """Another learning rate or model size stops with the settings named; training longer resumes; resume: false
+    starts over; a checkpoint without weights is skipped for the one before it."""
+    raw = guarded_recipe(tmp_path, max_steps=20)
+    recipe = from_dict(Recipe, raw)
+    data_stage.run(recipe)
+    sft.run(recipe)
+    checkpoints = recipe.stage_dir("sft") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+
+    changed = guarded_recipe(tmp_path, max_steps=20, learning_rate=0.01)
+    with pytest.raises(ConfigError, match=r"other inputs \(sft\.train\.learning_rate: 0\.05 -> 0\.01\).*resume=false"):
+        sft.run(from_dict(Recipe, changed))
+    bigger = guarded_recipe(tmp_path, max_steps=20)
+    bigger["sft"]["model"]["hidden_size"] = 32
+    with pytest.raises(ConfigError, match=r"sft\.model\.hidden_size: 16 -> 32"):
+        sft.run(from_dict(Recipe, bigger))
+    other_data = guarded_recipe(tmp_path, max_steps=20)
+    other_data["seed"] = 7
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 7"):
+        sft.run(from_dict(Recipe, other_data))
+
+    (checkpoints / "checkpoint-20" / "model.safetensors").unlink()  # killed while writing the weights
+    longer = sft.run(from_dict(Recipe, guarded_recipe(tmp_path, max_steps=30)))["training"]
+    assert longer["resumed_from"].endswith("checkpoint-10") and longer["steps_run"] == 20
+    assert [g["step"] for g in longer["guard"]] == [0, 10, 20, 30]
+
+    fresh = guarded_recipe(tmp_path, max_steps=10, learning_rate=0.01, resume=False)
+    restarted = sft.run(from_dict(Recipe, fresh))["training"]
+    assert restarted["resumed_from"] is None and restarted["steps_run"] == 10
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-10"]
+    assert json.loads((checkpoints / "inputs.json").read_text())["sections"]["sft"]["train"]["learning_rate"] == 0.01
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigterm_to_the_pipeline_stops_its_trainer(tmp_path):
+    """`timeout` and schedulers send SIGTERM to the pipeline's process only: the launcher and the trainer under it
+    stop too, and no checkpoint appears afterwards."""
+    raw = tiny_pipeline(tmp_path, max_steps=100_000)
+    raw["sft"]["train"]["save_steps"] = 20
+    recipe_path = tmp_path / "long.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    process = subprocess.Popen([sys.executable, "-m", "rlrec.cli", "pipeline", "--config", str(recipe_path)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    checkpoints = tmp_path / "pipe" / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.5)
+    run_file = str(tmp_path / "pipe" / "recipe.yaml")
+    assert processes_naming(run_file), "the training stage should be running"
+    process.send_signal(signal.SIGTERM)  # to the pipeline process alone, as `timeout` does
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == ("rlrec: stopped by SIGTERM; rerun the same command to resume from "
+                                               "the last checkpoint")  # one line, no traceback  # fmt: skip
+    deadline = time.time() + 30
+    while processes_naming(run_file) and time.time() < deadline:
+        time.sleep(0.5)
+    assert processes_naming(run_file) == []
+    before = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
+    time.sleep(3)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == before
+
+
+@pytest.mark.parametrize(
+    "content, empty",
+    [
+        ("", "train / valid / test"),  # a 0-byte file
+        ("user_id,item_id,timestamp\n", "train / valid / test"),  # header only
+        ("user_id,item_id,timestamp\na,1,1\nb,2,1\nc,1,2\n", "train / valid / test"),  # one interaction a user
+        ("user_id,item_id,timestamp\na,1,1\na,2,2\na,3,3\nb,1,1\nb,3,2\nb,2,3\n", "train"),  # three a user
+    ],
+)
+def test_data_that_leaves_a_split_empty_is_an_error_naming_the_file(tmp_path, content, empty):
+    path = tmp_path / "events.csv"
+    path.write_text(content)
+    raw = tiny_pipeline(tmp_path)
+    raw["data"]["source"] = {"format": "generic", "path": str(path)}
+    expected = rf"events\.csv: no {empty} samples .*leave_one_out needs users with 3 interactions or more"
+    with pytest.raises(RlrecError, match=expected):
+        data_stage.run(from_dict(Recipe, raw))
+    assert not (tmp_path / "pipe" / "data" / "manifest.json").exists()
