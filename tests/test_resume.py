@@ -19,7 +19,7 @@ from rlrec.config import from_dict
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.recipe import Recipe
 from rlrec.stages import data as data_stage
-from rlrec.stages import sft
+from rlrec.stages import grpo, sft
 from tests.conftest import REPO, tiny_pipeline
 
 
@@ -62,6 +62,33 @@ def test_a_resumed_run_keeps_its_guard_state(tmp_path):
     assert training["saved_step"] == best_step
     lines = [json.loads(line) for line in (second.stage_dir("sft") / "guard.jsonl").open()]
     assert [line["step"] for line in lines] == [0, 10, 20, 30, 40]
+
+
+def test_a_resumed_grpo_run_saves_the_best_of_the_whole_curve(shared_data, sft_run, tmp_path):
+    """GRPO with the guard every 2 steps and a learning rate that makes validation move: a run killed after
+    checkpoint 4 (a copy holding only data, SFT and that checkpoint) resumes with evaluations 0, 2 and 4 and saves
+    the same best step as the uninterrupted run chose from the same evaluations."""
+    from tests.test_grpo import grpo_recipe
+
+    def raw(out: Path) -> dict:
+        out.mkdir()
+        recipe = grpo_recipe(shared_data, sft_run, out, rewards={"hit": 1.0, "rank_penalty": 1.0})
+        recipe["grpo"]["train"].update(max_steps=8, save_steps=4, save_total_limit=5, learning_rate=0.05)
+        recipe["grpo"]["guard"] = {"eval_steps": 2, "users": 8, "keep_best": True, "patience": 0}
+        return recipe
+
+    first = from_dict(Recipe, raw(tmp_path / "a"))
+    whole = grpo.run(first)
+    second = from_dict(Recipe, raw(tmp_path / "b"))
+    kept = second.stage_dir("grpo") / "checkpoints"
+    kept.mkdir(parents=True)
+    shutil.copytree(first.stage_dir("grpo") / "checkpoints" / "checkpoint-4", kept / "checkpoint-4")
+    shutil.copy(first.stage_dir("grpo") / "checkpoints" / "inputs.json", kept / "inputs.json")
+    resumed = grpo.run(second)
+    assert resumed["training"]["resumed_from"].endswith("checkpoint-4")
+    assert [step for step, _ in curve(resumed)] == [step for step, _ in curve(whole)] == [0, 2, 4, 6, 8]
+    assert curve(resumed)[:3] == curve(whole)[:3]
+    assert resumed["training"]["saved_step"] == max(curve(resumed), key=lambda point: point[1])[0]
 
 
 def test_checkpoints_of_other_inputs_are_never_resumed(tmp_path):
