@@ -17,6 +17,7 @@ from pathlib import Path
 from rlrec.data.prepared import RunData
 from rlrec.decoding import recommend
 from rlrec.decoding.inputs import ModelInputs
+from rlrec.errors import RlrecError
 from rlrec.metrics import accuracy_metrics, beyond_accuracy, head_items
 from rlrec.schema import EvalConfig
 
@@ -24,8 +25,17 @@ TABLE_COLUMNS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20
                  "tail_share@10", "valid_rate")  # fmt: skip
 
 
+def check_ks(ks: Sequence[int], data: RunData) -> None:
+    """A cut-off as large as the catalogue makes HR@K 1.0 whatever the model: an error, checked by the training
+    stages before they train and again when lists are scored."""
+    if max(ks) >= len(data.item_ids):
+        raise RlrecError(f"eval.ks: K={max(ks)} is not below the catalogue's {len(data.item_ids)} items, so "
+                         f"HR@{max(ks)} would be 1.0 whatever the model; use a smaller K")  # fmt: skip
+
+
 def score_lists(lists: Sequence[Sequence[str]], targets: Sequence[str], data: RunData, ks: Sequence[int]) -> dict:
     head = head_items(data.popularity, data.item_ids)
+    check_ks(ks, data)
     metrics = accuracy_metrics(lists, targets, ks)
     metrics.update(beyond_accuracy(lists, data.item_ids, data.popularity, ks, head))
     return {key: round(value, 6) for key, value in metrics.items()}

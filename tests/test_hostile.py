@@ -113,3 +113,13 @@ def test_a_hub_id_while_offline_is_one_error():
                             timeout=120)  # fmt: skip
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stdout.startswith("nobody/no-such-recommender: no such local folder, and the Hub download failed")
+
+
+def test_a_cut_off_as_large_as_the_catalogue_is_refused_before_training(tmp_path):
+    raw = tiny_pipeline(tmp_path)
+    raw["eval"]["ks"] = [10, 1000]
+    recipe = from_dict(Recipe, raw)
+    data.run(recipe)
+    with pytest.raises(RlrecError, match=r"eval\.ks: K=1000 is not below the catalogue's 40 items, so HR@1000"):
+        sft.run(recipe)
+    assert not (recipe.stage_dir("sft") / "checkpoints").exists()

@@ -35,6 +35,7 @@ import trl
 from rlrec.data.prepared import RunData, load_run_data
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
+from rlrec.evaluate import check_ks
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe, stage_inputs
 from rlrec.schema import DPOConfig, EvalConfig
@@ -145,6 +146,7 @@ def run(recipe: Recipe) -> dict | None:
     config: DPOConfig = recipe.section("dpo")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
+    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
     out = recipe.stage_dir("dpo")
     init = init_model_dir(recipe, config.init, "dpo")
     finetune = config.finetune

@@ -33,6 +33,7 @@ from rlrec.decoding import TrieLogitsProcessor, items_from_generations
 from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
+from rlrec.evaluate import check_ks
 from rlrec.recipe import Recipe, stage_inputs
 from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
 from rlrec.schema import EvalConfig, GRPOConfig, SASRecConfig
@@ -169,6 +170,7 @@ def run(recipe: Recipe) -> dict | None:
     config: GRPOConfig = recipe.section("grpo")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
+    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
     out = recipe.stage_dir("grpo")
     policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer

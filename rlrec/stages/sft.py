@@ -22,6 +22,7 @@ from datasets import Dataset
 from rlrec.data.prepared import RunData, load_run_data, without_last_rows
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import ConfigError
+from rlrec.evaluate import check_ks
 from rlrec.models import BASE_MODEL_DIR, build_for_training
 from rlrec.prompts import mix_tasks
 from rlrec.recipe import Recipe, stage_inputs
@@ -58,6 +59,7 @@ def train_sft(recipe: Recipe):
     config: SFTConfig = recipe.section("sft")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
+    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
     out = recipe.stage_dir("sft")
     alignment = check_rows(config, data)
     texts = tokenizer_texts(data.dataset, data.catalog, with_titles=alignment)
