@@ -17,10 +17,12 @@ from pathlib import Path
 import yaml
 
 from rlrec.config import from_dict
+from rlrec.data.io import load_json
 from rlrec.data.prepared import read_catalog
 from rlrec.decoding import recommend
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
+from rlrec.items.index import SemanticIndex
 from rlrec.models import load_model
 from rlrec.prompts import prompt_messages
 from rlrec.schema import DataConfig, EvalConfig
@@ -44,6 +46,7 @@ class Recommender:
         self.eval = from_dict(EvalConfig, self.recipe.get("eval") or {})
         self.identifiers = {item["item_id"]: item["identifier"] for item in self.catalog}
         self.titles = {item["item_id"]: item["title"] for item in self.catalog}
+        check_tokenizer_coverage(self.tokenizer, self.identifiers)
         self.inputs = ModelInputs.build(self.tokenizer, self.identifiers, self.prompt)
         self.trie = self.inputs.trie
 
@@ -69,6 +72,20 @@ class Recommender:
                          exclude=histories if self.eval.exclude_history else None)  # fmt: skip
 
 
+def check_tokenizer_coverage(tokenizer, identifiers: dict[str, str]) -> None:
+    """Every identifier must be made of tokens the tokenizer knows: an unknown one encodes to the unk token, and the
+    model would score an item it cannot name (seen: -26.8 for every such item, no error)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    unknown = [item for item, text in identifiers.items()
+               if unk in tokenizer(text, add_special_tokens=False)["input_ids"]]  # fmt: skip
+    if unknown:
+        example = f"item {unknown[0]} ({identifiers[unknown[0]]!r})"
+        raise RlrecError(f"{len(unknown)} catalogue identifier(s) hold tokens the tokenizer does not know, e.g. "
+                         f"{example}: the catalogue and the model do not match")  # fmt: skip
+
+
 def load(path_or_repo_id: str | Path, device: str | None = None, revision: str | None = None) -> Recommender:
     """Load a published folder, or download one from the Hub by repo id (token from the environment or login)."""
     path = Path(path_or_repo_id)
@@ -87,8 +104,13 @@ def load(path_or_repo_id: str | Path, device: str | None = None, revision: str |
     meta = path / META_DIR
     if not (meta / "catalog.jsonl").is_file():
         raise RlrecError(f"{path}: not a published rlrec folder (no {META_DIR}/catalog.jsonl); see `rlrec publish`")
-    model, tokenizer = load_model(path, device=device)
     catalog = read_catalog(meta / "catalog.jsonl")
     recipe = yaml.safe_load((meta / "recipe.yaml").read_text(encoding="utf-8"))
+    if (recipe.get("data") or {}).get("prompt", {}).get("identifier") == "sid":  # the index must cover the catalogue
+        index = meta / "index.json"
+        if not index.is_file():
+            raise RlrecError(f"{path}: no {META_DIR}/index.json, but the recipe's identifiers are semantic IDs")
+        SemanticIndex.from_json(load_json(index), str(index)).align([item["item_id"] for item in catalog], str(index))
+    model, tokenizer = load_model(path, device=device)
     metrics = json.loads((meta / "metrics.json").read_text(encoding="utf-8"))
     return Recommender(model, tokenizer, catalog, recipe, metrics)

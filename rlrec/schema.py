@@ -277,6 +277,9 @@ class ModelConfig:
             raise ConfigError("model.hidden_size must be divisible by model.heads")
         if not 0 <= self.dropout < 1:
             raise ConfigError("model.dropout must be in [0, 1)")
+        if self.path is None and self.dtype not in ("auto", "float32"):
+            raise ConfigError(f"model.dtype {self.dtype}: a from-scratch model is built in float32; dtype applies to "
+                              "a pretrained model (model.path); for mixed precision set train.precision")  # fmt: skip
         if self.dropout and (self.architecture != "phi" or self.path is not None):
             raise ConfigError("model.dropout applies to from-scratch models with architecture: phi (Llama has no "
                               "embedding or residual dropout)")  # fmt: skip

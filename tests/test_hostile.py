@@ -5,6 +5,7 @@ a correct result or one line naming the cause, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from rlrec.pipeline import run_pipeline
 from rlrec.recipe import Recipe
 from rlrec.schema import SourceConfig
 from rlrec.stages import data, sft
+from rlrec.stages import items as items_stage
 from tests.conftest import REPO, run_cli, tiny_pipeline
 
 
@@ -123,3 +125,34 @@ def test_a_cut_off_as_large_as_the_catalogue_is_refused_before_training(tmp_path
     with pytest.raises(RlrecError, match=r"eval\.ks: K=1000 is not below the catalogue's 40 items, so HR@1000"):
         sft.run(recipe)
     assert not (recipe.stage_dir("sft") / "checkpoints").exists()
+
+
+def test_settings_that_would_do_nothing_are_refused(tmp_path):
+    """A dtype a from-scratch model ignores, an attribute no item has, a catalogue too small for semantic IDs."""
+    raw = tiny_pipeline(tmp_path)
+    raw["sft"]["model"]["dtype"] = "float16"
+    with pytest.raises(ConfigError, match=r"model\.dtype float16: a from-scratch model is built in float32"):
+        from_dict(Recipe, raw)
+    raw = tiny_pipeline(tmp_path)
+    raw["items"] = {"attributes": ["category", "color"]}
+    with pytest.raises(ConfigError, match=r"items\.attributes: no item has \['color'\]; .* are \['category'\]"):
+        items_stage.run(from_dict(Recipe, raw))
+    path = tmp_path / "one.csv"
+    path.write_text("user_id,item_id,timestamp\na,1,1\nb,1,2\n")
+    raw = tiny_pipeline(tmp_path)
+    raw["data"]["source"] = {"format": "generic", "path": str(path)}
+    raw["items"] = {}
+    with pytest.raises(RlrecError, match=r"the catalogue has 1 item\(s\); semantic IDs need at least 2"):
+        items_stage.run(from_dict(Recipe, raw))
+
+
+def test_a_published_folder_whose_catalogue_the_tokenizer_cannot_spell_is_refused(published, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(published, copy)
+    catalog = copy / "rlrec" / "catalog.jsonl"
+    lines = catalog.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "identifier": "no-such-token"})
+    catalog.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RlrecError, match=rf"1 catalogue identifier\(s\) .* e\.g\. item {first['item_id']} "):
+        rlrec.load(copy)

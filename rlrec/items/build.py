@@ -16,6 +16,7 @@ import numpy as np
 
 from rlrec.data.io import load_json, require_file
 from rlrec.data.types import Catalog
+from rlrec.errors import ConfigError, RlrecError
 from rlrec.items.embed import embed_texts, item_texts
 from rlrec.items.index import SemanticIndex, collision_stats, index_stats, resolve_collisions
 from rlrec.items.quantize import rq_kmeans
@@ -29,6 +30,18 @@ def quantize(embeddings: np.ndarray, config: ItemsConfig, seed: int):
     return rq_kmeans(embeddings, config.codebook_sizes, config.kmeans_iters, seed, config.balanced), {}
 
 
+def check_catalogue(catalog: Catalog, config: ItemsConfig) -> None:
+    """Refuse what would build IDs from nothing: fewer than 2 items, or an attribute that no item has (a typo
+    would otherwise embed titles only, with nothing but a counter in stats.json to say so)."""
+    if len(catalog.items) < 2:
+        raise RlrecError(f"items build: the catalogue has {len(catalog.items)} item(s); semantic IDs need at least 2")
+    have = {name for item in catalog.items.values() for name, value in item.attributes.items() if str(value).strip()}
+    missing = [name for name in config.attributes if name not in have]
+    if missing:
+        raise ConfigError(f"items.attributes: no item has {missing}; the catalogue's attributes are "
+                          f"{sorted(have) or 'none'}")  # fmt: skip
+
+
 def build_index(catalog: Catalog, config: ItemsConfig, seed: int, cache_dir: Path) -> tuple[SemanticIndex, dict]:
     """(collision-free index in catalogue order, stats: codebook utilisation, collisions before/after, sources)."""
     stats: dict = {}
@@ -38,6 +51,7 @@ def build_index(catalog: Catalog, config: ItemsConfig, seed: int, cache_dir: Pat
         index = SemanticIndex.from_json(load_json(path), str(path)).align(catalog.ids(), str(path))
         stats["built_from"] = {"index_path": str(path)}
     else:
+        check_catalogue(catalog, config)
         counts: Counter = Counter()
         texts = item_texts(catalog, config.attributes, config.max_attribute_chars, counts)
         t0 = time.time()

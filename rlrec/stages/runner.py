@@ -92,9 +92,12 @@ def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict
 def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Iterable[str],
            max_users: int | None, timer: Timer) -> dict:  # fmt: skip
     """Evaluate the stage's saved model on `splits` (first `max_users` rows of each) and write the stage's files."""
-    eval_config = recipe.eval or EvalConfig()
+    eval_config, splits = recipe.eval or EvalConfig(), list(splits)
     model, tokenizer = load_model(recipe.stage_dir(stage) / "model")
-    metrics = {"protocol": data.protocol, "training": summary}
+    # the same protocol fields as the baselines' reports (bench/results.py refuses to mix protocols)
+    protocol = {**data.protocol, "split": ",".join(splits), "exclude_history": eval_config.exclude_history,
+                "beam_width": eval_config.beam_width, "ks": list(eval_config.ks)}  # fmt: skip
+    metrics = {"protocol": protocol, "training": summary}
     for split in splits:
         rows = data.rows(split, max_users)
         metrics[split] = {**evaluate_generative(model, tokenizer, data, eval_config, rows), "num_users": len(rows)}
