@@ -47,6 +47,7 @@ def test_scientific_stats_with_semantic_ids(shared_data, tmp_path):
     )
     assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (8317, 4344, 58_492)
     assert stats["splits"] == {"train": 58_492 - 3 * 8317, "valid": 8317, "test": 8317}
+    assert stats["sid_index"] == {"source": str(sci / "indexes/rqvae_zcr/Scientific.index.json"), "used": True}
     test = load_from_disk(str(out / "dataset"))["test"]
     assert test[0]["completion"][0]["content"].startswith("<a_") and test[0]["completion"][0]["content"].count("<") == 4
 

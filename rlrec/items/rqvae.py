@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rlrec.items.quantize import Quantized, rq_kmeans
 from rlrec.schema import RQVAEConfig
@@ -93,13 +94,15 @@ def train_rqvae(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(seed)
     resets = 0
-    for _ in range(config.epochs):
+    progress = tqdm(range(config.epochs), desc="rq-vae", unit="epoch", mininterval=2.0)  # minutes on a large catalogue
+    for _ in progress:
         for batch in torch.randperm(len(data), generator=gen).split(config.batch_size):
             loss, _ = model(data[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         resets += reset_dead_codes(model, data, gen)
+        progress.set_postfix(loss=f"{float(loss):.4f}", resets=resets, refresh=False)
     model.eval()
     with torch.no_grad():
         loss, parts = model(data)

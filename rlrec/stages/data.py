@@ -47,6 +47,8 @@ def run(recipe: Recipe) -> dict:
     identifiers = build_identifiers(config.prompt.identifier, raw.catalog, raw.sid_index, notes,
                                     raw.sid_index_source or "index.json")  # fmt: skip
     stats = compute_stats(raw, splits, config, notes)
+    if raw.sid_index is not None:  # say which index was found, and whether the identifiers use it
+        stats["sid_index"] = {"source": raw.sid_index_source, "used": config.prompt.identifier == "sid"}
     check_not_empty(config, stats)
     dataset = build_dataset(splits, identifiers, config.prompt)
     write_prepared(recipe.stage_dir("data"), dataset, raw.catalog, identifiers, raw.interactions, raw.sid_index, stats)
@@ -81,6 +83,12 @@ def report(recipe: Recipe, stats: dict) -> list[str]:
     lines = [f"wrote {recipe.stage_dir('data')}",
              f"  users {stats['num_users']:,}  items {stats['num_items']:,}  interactions {interactions}",
              f"  {stats['protocol']} samples: {splits}"]  # fmt: skip
+    if "sid_index" in stats:
+        used = stats["sid_index"]["used"]
+        lines.append(
+            f"  semantic-ID index {stats['sid_index']['source']}: "
+            + ("the items' identifiers" if used else "found, not used (prompt.identifier is not sid)")
+        )
     if stats["skipped"]:
         lines.append(f"  skipped: {json.dumps(stats['skipped'])} (examples in stats.json)")
     return lines
