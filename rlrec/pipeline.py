@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from rlrec.config import dump_config, to_dict
 from rlrec.errors import ConfigError, RlrecError, Stopped
 from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe
@@ -91,17 +93,22 @@ def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
 
 
 def run_child(command: list[str]) -> tuple[int, signal.Signals | None]:
-    """Run a training stage in its own process group and pass SIGTERM / SIGINT on to all of it: `timeout`, a
-    scheduler or Ctrl-C stopping the pipeline must stop the launcher and the trainer under it too, or the trainer
-    keeps writing checkpoints into the folder a rerun resumes from. Returns the exit code and the signal passed on,
-    if one was (the pipeline then stops as its stage did)."""
-    child = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    """Run a training stage and stop all of it when the pipeline is stopped: `timeout` and schedulers send SIGTERM to
+    the pipeline's process alone, so it is passed on to the launcher and every process under it (the trainer), or
+    the trainer would keep writing checkpoints into the folder a rerun resumes from. The child stays in the
+    pipeline's process group, so Ctrl-C in a terminal and a kill of the whole group reach it directly (SIGINT is
+    therefore not passed on again). Returns the exit code and the signal that stopped the pipeline, if one did."""
+    child = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     received: list[signal.Signals] = []
 
     def forward(signum, _frame) -> None:
         received.append(signal.Signals(signum))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
+        if signum != signal.SIGTERM:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
