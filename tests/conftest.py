@@ -43,6 +43,16 @@ def shared_data() -> Path:
     return root
 
 
+def minionerec_copy(shared_data: Path, out: Path) -> tuple[Path, Path]:
+    """A writable copy of the shared MiniOneRec export (the shared files are read-only): (its root, its valid CSV)."""
+    root = out / "mini"
+    shutil.copytree(shared_data / "minionerec-industrial", root)
+    (root / "valid").chmod(0o755)
+    csv = next((root / "valid").glob("*.csv"))
+    csv.chmod(0o644)
+    return root, csv
+
+
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess, as a user would."""
     return subprocess.run(

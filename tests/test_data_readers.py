@@ -14,7 +14,7 @@ from rlrec.data.filters import kcore
 from rlrec.data.types import Interactions
 from rlrec.errors import ConfigError, DataError
 from rlrec.schema import SourceConfig
-from tests.conftest import run_cli
+from tests.conftest import minionerec_copy, run_cli
 
 
 def source(**kwargs) -> SourceConfig:
@@ -182,11 +182,7 @@ def test_minionerec_export(shared_data):
 
 
 def test_minionerec_rejects_non_literal_lists(shared_data, tmp_path):
-    root = tmp_path / "mini"
-    shutil.copytree(shared_data / "minionerec-industrial", root)
-    (root / "valid").chmod(0o755)
-    csv = next((root / "valid").glob("*.csv"))
-    csv.chmod(0o644)
+    root, csv = minionerec_copy(shared_data, tmp_path)
     lines = csv.read_text().splitlines()
     header = lines[0]
     evil = 'A1,"[]",t,"__import__(\'os\').getcwd()",5,"[]",<a_1>'

@@ -23,7 +23,7 @@ from rlrec.recipe import Recipe
 from rlrec.schema import SourceConfig
 from rlrec.stages import data, sft
 from rlrec.stages import items as items_stage
-from tests.conftest import REPO, run_cli, tiny_pipeline
+from tests.conftest import REPO, minionerec_copy, run_cli, tiny_pipeline
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -40,11 +40,7 @@ def test_a_utf8_bom_before_the_header_is_read_as_utf8(tmp_path):
 
 
 def test_a_minionerec_export_that_is_not_utf8_is_named(shared_data, tmp_path):
-    root = tmp_path / "mini"
-    shutil.copytree(shared_data / "minionerec-industrial", root)
-    (root / "valid").chmod(0o755)
-    csv = next((root / "valid").glob("*.csv"))
-    csv.chmod(0o644)
+    root, csv = minionerec_copy(shared_data, tmp_path)
     csv.write_bytes(csv.read_bytes() + 'A9,"[]",t,"[1]",5,"[]",caf\xe9\n'.encode("latin-1"))
     with pytest.raises(DataError, match=r"valid/.*\.csv: not valid UTF-8 \(byte offset \d+\)"):
         read_source(from_dict(SourceConfig, {"format": "minionerec", "path": str(root)}))
