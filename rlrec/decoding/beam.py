@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rlrec.decoding.trie import ItemTrie
+from rlrec.decoding.trie import ItemTrie, answer_prefix_ids
 from rlrec.errors import RlrecError
 from rlrec.upstream import reorder_generated_cache
 
@@ -115,12 +115,15 @@ def beam_search(
 
 
 def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
-    """Chat-message prompts (or plain strings, taken as one user turn) -> token ids with the generation prompt.
+    """Chat-message prompts (or plain strings, taken as one user turn) -> token ids with the generation prompt and
+    the tokens the template writes before an answer (`answer_prefix_ids`).
     Prompts that are token ids already (`rlrec.decoding.inputs`, the sequence format) are used as they are."""
     if prompts and all(isinstance(p, list) and p and isinstance(p[0], int) for p in prompts):
         return [list(p) for p in prompts]
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    return tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=False)
+    encoded = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=False)
+    answer = answer_prefix_ids(tokenizer)  # e.g. Qwen3's empty think block: the training text has it too
+    return [ids + answer for ids in encoded]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

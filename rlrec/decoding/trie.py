@@ -1,12 +1,13 @@
 """The catalogue trie: every item's completion tokens as a prefix tree.
 
 Token sequences are the ones the model is trained on. In the chat prompt format (`ItemTrie.build`) they are the
-tokens the chat template puts after the generation prompt for an assistant turn holding the identifier (TRL's SFT
-takes the completion as what follows the common prefix of the templated prompt and prompt+completion; we do the
-same), cut after the template's stop token. This works for semantic IDs (one added token per code) and for
-multi-token BPE or word-level titles alike. In the sequence prompt format (`rlrec.decoding.inputs`) an item is
-followed by the next item, not by a stop token: its tokens alone name it, so they must be prefix-free
-(`stop_token` None; fixed-length semantic IDs and one-token ids are).
+tokens the chat template puts after the decoding prompt for an assistant turn holding the identifier, cut after
+the template's stop token. The decoding prompt is the generation prompt plus whatever the template writes before
+an answer (`answer_prefix_ids`: Qwen3's empty think block), so the trie starts at the identifier's first token
+and a beam score is the log-probability of the identifier and its stop token only. This works for semantic IDs
+(one added token per code) and for multi-token BPE or word-level titles alike. In the sequence prompt format
+(`rlrec.decoding.inputs`) an item is followed by the next item, not by a stop token: its tokens alone name it, so
+they must be prefix-free (`stop_token` None; fixed-length semantic IDs and one-token ids are).
 
 Two views of the same tree:
 - CSR tensors (`offsets`, `child_tokens`, `child_nodes`, `terminal_item`) for the batched beam search, which
@@ -26,6 +27,7 @@ import torch
 from rlrec.errors import RlrecError
 
 PROBE = "x"  # user content used to render the template around an identifier
+MARK = "\x00rlrec-answer\x00"  # assistant content that no template and no tokenizer changes
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -35,14 +37,47 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def answer_prefix_ids(tokenizer) -> list[int]:
+    """Tokens the chat template writes between the generation prompt and an assistant turn's content.
+
+    Qwen3's template ends the generation prompt at `<|im_start|>assistant\n` but writes an assistant turn as
+    `<|im_start|>assistant\n<think>\n\n</think>\n\n{content}`; most templates write nothing there. Every decoding
+    prompt ends with these tokens (`rlrec.decoding.beam.encode_prompts`), so the model decodes from exactly the
+    context the training text has before each identifier: Qwen3's non-thinking mode (what `enable_thinking=False`
+    renders), for thinking and non-thinking templates alike. A template whose generation prompt is not the start of
+    its own assistant turn cannot be made to agree and is an error."""
+    user = [{"role": "user", "content": PROBE}]
+    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": MARK}], tokenize=False)
+    if MARK not in full_text or not full_text.startswith(prompt_text):
+        raise RlrecError(f"the chat template's generation prompt {prompt_text[-40:]!r} is not the start of its "
+                         "assistant turn; training text and decoding prompt would differ: give the tokenizer a "
+                         "template whose generation prompt is a prefix of an assistant turn")  # fmt: skip
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+    head = tokenizer(full_text[: full_text.index(MARK)], add_special_tokens=False)["input_ids"]
+    if head[: len(prompt)] != prompt:
+        raise RlrecError(f"the chat template's text before the answer ({full_text[len(prompt_text):][:40]!r}) "
+                         "merges with the generation prompt's last tokens; decoding cannot start from the training "
+                         "context")  # fmt: skip
+    return head[len(prompt) :]
+
+
 def completion_token_ids(tokenizer, contents: list[str]) -> list[list[int]]:
-    """Tokens the chat template produces for assistant turns with these contents, after the generation prompt."""
+    """Tokens the chat template produces for assistant turns with these contents, after the decoding prompt
+    (the generation prompt plus `answer_prefix_ids`): the identifier as the model sees it in context."""
     user = [{"role": "user", "content": PROBE}]
     prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = prompt + answer_prefix_ids(tokenizer)
     full = tokenizer.apply_chat_template(
         [[*user, {"role": "assistant", "content": c}] for c in contents], tokenize=True, return_dict=False
     )
-    return [ids[_common_prefix(prompt, ids) :] for ids in full]
+    for content, ids in zip(contents, full, strict=True):
+        if ids[: len(prompt)] != prompt:
+            merged = tokenizer.decode(prompt[_common_prefix(prompt, ids) :])
+            raise RlrecError(f"identifier {content!r}: its first tokens merge with the template's text before the "
+                             f"answer ({merged!r}); the decoding prompt would not be the training context; change "
+                             "its first character")  # fmt: skip
+    return [ids[len(prompt) :] for ids in full]
 
 
 @dataclass
