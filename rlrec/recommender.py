@@ -112,5 +112,25 @@ def load(path_or_repo_id: str | Path, device: str | None = None, revision: str |
             raise RlrecError(f"{path}: no {META_DIR}/index.json, but the recipe's identifiers are semantic IDs")
         SemanticIndex.from_json(load_json(index), str(index)).align([item["item_id"] for item in catalog], str(index))
     model, tokenizer = load_model(path, device=device)
+    check_weights(model, path)
     metrics = json.loads((meta / "metrics.json").read_text(encoding="utf-8"))
     return Recommender(model, tokenizer, catalog, recipe, metrics)
+
+
+def check_weights(model, path: Path) -> None:
+    """Zeroed or non-finite embeddings (a corrupted or half-written file) load without a word and score every item
+    alike; refuse them. Only the input and output embeddings are read: every token passes through them."""
+    import torch
+
+    for name, layer in (
+        ("input embeddings", model.get_input_embeddings()),
+        ("output layer", model.get_output_embeddings()),
+    ):
+        layer = getattr(layer, "base_layer", layer)  # under PEFT token adapters: the wrapped embedding
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            continue
+        if not bool(torch.isfinite(weight).all()):
+            raise RlrecError(f"{path}: the model's {name} hold NaN or infinite values; the weights file is corrupted")
+        if not bool(weight.any()):
+            raise RlrecError(f"{path}: the model's {name} are all zero; the weights file is corrupted or empty")

@@ -152,10 +152,13 @@ class PromptConfig:
         "The user interacted with these items in order: {history}. Which item will the user interact with next?"
     )
     separator: str = ", "
+    max_title_chars: int = 256  # longer titles are cut (and counted): a prompt holds max_history of them
 
     def __post_init__(self) -> None:
         if "{history}" not in self.template:
             raise ConfigError("prompt.template must contain the placeholder {history}")
+        if self.max_title_chars < 8:
+            raise ConfigError("prompt.max_title_chars must be >= 8")
 
 
 @dataclass

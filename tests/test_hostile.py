@@ -1,7 +1,7 @@
 """Hostile inputs, each through the path a user takes (the CLI where they would use it): a BOM in a CSV header, a
 MiniOneRec export that is not UTF-8, an output folder that cannot be made, a missing accelerate config, and the
-published folder's API (a string as history, a bad k, a truncated catalogue, a Hub id while offline). Each ends in
-a correct result or one line naming the cause, never a traceback."""
+published folder's API (a string as history, a bad k, a truncated catalogue, a Hub id while offline, zeroed
+weights), a 1 MB title. Each ends in a correct result or one line naming the cause, never a traceback."""
 
 from __future__ import annotations
 
@@ -152,3 +152,31 @@ def test_a_published_folder_whose_catalogue_the_tokenizer_cannot_spell_is_refuse
     catalog.write_text("\n".join(lines) + "\n")
     with pytest.raises(RlrecError, match=rf"1 catalogue identifier\(s\) .* e\.g\. item {first['item_id']} "):
         rlrec.load(copy)
+
+
+def test_a_published_folder_with_zeroed_weights_is_refused(published, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(published, copy)
+    weights = copy / "model.safetensors"
+    save_file({name: tensor.zero_() for name, tensor in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(RlrecError, match=r"copy: the model's input embeddings are all zero; the weights file is"):
+        rlrec.load(copy)
+
+
+def test_a_one_megabyte_title_is_cut_and_reported(tmp_path):
+    events, items = tmp_path / "events.csv", tmp_path / "items.csv"
+    events.write_text("user_id,item_id,timestamp\n" + "".join(f"u{u},{i},{t}\n" for u in range(4) for t, i in
+                                                               enumerate(["a", "b", "c", "d"][u % 2 :])))  # fmt: skip
+    items.write_text("item_id,title\na," + "x" * 1_000_000 + "\nb,B\nc,C\nd,D\n")
+    raw = tiny_pipeline(tmp_path)
+    raw["data"]["source"] = {"format": "generic", "path": str(events), "items_path": str(items)}
+    raw["data"]["prompt"]["identifier"] = "title"
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    result = run_cli("data", "prepare", "--config", str(recipe_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'identifiers: {"title_cut_to_max_title_chars": 1}' in result.stdout
+    catalog = [json.loads(line) for line in (tmp_path / "pipe" / "data" / "catalog.jsonl").open()]
+    assert [len(row["identifier"]) for row in catalog if row["item_id"] == "a"] == [256]

@@ -3,7 +3,9 @@
 Renderers, chosen by `prompt.identifier`:
 - `title`: the item's title. Titles are not unique in real catalogues (ML-100K has 18 duplicated titles), and an
   identifier must name exactly one item for decoding and evaluation, so duplicates get the item id appended
-  (`Chasing Amy (1997) [id 246]`); empty titles fall back to `item <id>`. Both are counted.
+  (`Chasing Amy (1997) [id 246]`); empty titles fall back to `item <id>`; titles longer than
+  `prompt.max_title_chars` are cut there (a scraped 1 MB "title" would otherwise make every prompt and every beam
+  unbounded). All three are counted in stats.json `identifier_notes` and printed by `data prepare`.
 - `id`: the item id as text.
 - `sid`: the semantic ID, the item's codes concatenated (`<a_12><b_3><c_200>`), from an index in the
   LC-Rec `index.json` format. The index must cover every item and be collision-free.
@@ -19,13 +21,16 @@ from rlrec.errors import DataError
 from rlrec.items.index import SemanticIndex
 
 
-def title_identifiers(catalog: Catalog, counts: Counter) -> dict[str, str]:
+def title_identifiers(catalog: Catalog, counts: Counter, max_chars: int = 256) -> dict[str, str]:
     base = {}
     for item_id, item in catalog.items.items():
         title = " ".join(item.title.split())
         if not title:
             counts["empty_title"] += 1
             title = f"item {item_id}"
+        if len(title) > max_chars:
+            counts["title_cut_to_max_title_chars"] += 1
+            title = title[:max_chars].rstrip()
         base[item_id] = title
     owners: dict[str, list[str]] = defaultdict(list)
     for item_id, title in base.items():
@@ -53,11 +58,12 @@ def sid_identifiers(catalog: Catalog, index: dict[str, list[str]] | None, source
 
 
 def build_identifiers(
-    kind: str, catalog: Catalog, index: dict[str, list[str]] | None, counts: Counter, source: str = "index.json"
-) -> dict[str, str]:
+    kind: str, catalog: Catalog, index: dict[str, list[str]] | None, counts: Counter, source: str = "index.json",
+    max_title_chars: int = 256,
+) -> dict[str, str]:  # fmt: skip
     """Item id -> identifier string for the renderer `kind`; fails if two items would share one."""
     if kind == "title":
-        identifiers = title_identifiers(catalog, counts)
+        identifiers = title_identifiers(catalog, counts, max_title_chars)
     elif kind == "id":
         identifiers = {item_id: item_id for item_id in catalog.items}
     elif kind == "sid":

@@ -45,7 +45,7 @@ def run(recipe: Recipe) -> dict:
     splits = make_splits(raw, config, raw.skipped)
     notes: Counter = Counter()
     identifiers = build_identifiers(config.prompt.identifier, raw.catalog, raw.sid_index, notes,
-                                    raw.sid_index_source or "index.json")  # fmt: skip
+                                    raw.sid_index_source or "index.json", config.prompt.max_title_chars)  # fmt: skip
     stats = compute_stats(raw, splits, config, notes)
     if raw.sid_index is not None:  # say which index was found, and whether the identifiers use it
         stats["sid_index"] = {"source": raw.sid_index_source, "used": config.prompt.identifier == "sid"}
@@ -91,4 +91,7 @@ def report(recipe: Recipe, stats: dict) -> list[str]:
         )
     if stats["skipped"]:
         lines.append(f"  skipped: {json.dumps(stats['skipped'])} (examples in stats.json)")
+    if stats["identifier_notes"]:
+        notes = json.dumps(stats["identifier_notes"])
+        lines.append(f"  identifiers: {notes} (data.prompt.max_title_chars cuts titles)")
     return lines
