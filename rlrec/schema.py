@@ -248,12 +248,16 @@ class SASRecConfig:
     patience: int = 20  # epochs without a better valid NDCG@10 before stopping (valid NDCG is noisy)
     eval_batch_size: int = 512
     threads: int | None = None  # torch threads; None = torch's default
+    time_budget_s: float | None = None  # stop after the epoch that used it up, keeping the best epoch
+    resume: bool = True  # continue from sasrec/checkpoint.pt (saved every epoch) when a run was interrupted
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ConfigError("sasrec.hidden must be divisible by sasrec.heads")
         if self.max_len < 1 or self.max_epochs < 1 or self.patience < 1 or self.negatives < 1:
             raise ConfigError("sasrec: max_len, max_epochs, patience and negatives must be >= 1")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError("sasrec.time_budget_s must be > 0 (or null for no budget)")
 
 
 # --- training, shared by sft, grpo and dpo ---------------------------------------------------------------------------

@@ -68,3 +68,14 @@ def test_sasrec_beats_most_popular_on_the_synthetic_default(quickstart_run):
     assert len(log) == sas["training"]["epochs_run"]
     protocol = json.loads((run / "sasrec/metrics.json").read_text())["protocol"]
     assert protocol["split_method"] == "leave_one_out" and protocol["num_users"] == 1000
+
+
+def test_sasrec_time_budget_stops_after_the_epoch_that_used_it(quickstart_run):
+    common = ["--config", str(REPO / "recipes/quickstart/data.yaml"), f"output_dir={quickstart_run}", "name=budget"]
+    assert run_cli("data", "prepare", *common).returncode == 0
+    result = run_cli("baseline", "sasrec", *common, "sasrec.max_epochs=50", "sasrec.time_budget_s=0.001")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rlrec sasrec: time budget of 0.001 s used after epoch 1; keeping the best epoch (1)" in result.stderr
+    sas = json.loads((quickstart_run / "budget" / "sasrec/metrics.json").read_text())["results"]["sasrec"]
+    assert sas["training"]["stopped"] == "time_budget" and sas["training"]["epochs_run"] == 1
+    assert not (quickstart_run / "budget" / "sasrec" / "checkpoint.pt").exists()

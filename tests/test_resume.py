@@ -1,6 +1,7 @@
 """Nothing lost, nothing mixed: a resumed stage keeps its guard (the curve, the best score and weights, step 0
 included), never resumes from checkpoints of other inputs, skips a checkpoint without weights, stopping the
-pipeline stops its trainer too, and data that leaves a split empty is an error at `data prepare`."""
+pipeline stops its trainer too, SASRec resumes after SIGKILL to the model an uninterrupted run trains, and data that
+leaves a split empty is an error at `data prepare`."""
 
 from __future__ import annotations
 
@@ -188,3 +189,67 @@ def test_data_that_leaves_a_split_empty_is_an_error_naming_the_file(tmp_path, co
     with pytest.raises(RlrecError, match=expected):
         data_stage.run(from_dict(Recipe, raw))
     assert not (tmp_path / "pipe" / "data" / "manifest.json").exists()
+
+
+def sasrec_recipe(shared_data: Path, out: Path, **sasrec) -> Path:
+    """A small SASRec on MovieLens-100K for 5 epochs (no early stop): each epoch takes about a second, long enough to
+    kill a run between two of them."""
+    raw = {"name": "sas", "output_dir": str(out), "seed": 0,
+           "data": {"source": {"format": "movielens", "path": str(shared_data / "movielens-100k")},
+                    "split": {"method": "leave_one_out", "max_history": 10}},
+           "sasrec": {"hidden": 16, "max_len": 10, "max_epochs": 5, "patience": 100, "batch_size": 256, "threads": 1,
+                      **sasrec},
+           "eval": {"ks": [10]}}  # fmt: skip
+    path = out / f"recipe-{len(list(out.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def sasrec_cli(recipe: Path) -> list[str]:
+    return [sys.executable, "-m", "rlrec.cli", "baseline", "sasrec", "--config", str(recipe)]
+
+
+@pytest.mark.slow(reason="three SASRec runs of 5 epochs on MovieLens-100K, one killed with SIGKILL")
+def test_sasrec_resumes_after_sigkill_to_the_same_model(shared_data, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for out in (whole, killed):
+        out.mkdir()
+        prepare = [
+            sys.executable,
+            "-m",
+            "rlrec.cli",
+            "data",
+            "prepare",
+            "--config",
+            str(sasrec_recipe(shared_data, out)),
+        ]
+        result = subprocess.run(prepare, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = subprocess.run(sasrec_cli(sasrec_recipe(shared_data, whole)), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    stage = killed / "sas" / "sasrec"
+    process = subprocess.Popen(sasrec_cli(sasrec_recipe(shared_data, killed)), cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (stage / "checkpoint.pt").is_file():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into a later epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    logged = [json.loads(line)["epoch"] for line in (stage / "train_log.jsonl").open()]
+    assert logged and max(logged) < 5 and not (stage / "metrics.json").exists(), logged
+
+    changed = subprocess.run(sasrec_cli(sasrec_recipe(shared_data, killed, lr=0.01)), cwd=REPO, capture_output=True,
+                             text=True)  # fmt: skip
+    assert changed.returncode == 2 and "sasrec.lr: 0.001 -> 0.01" in changed.stderr, changed.stderr[-2000:]
+    resumed = subprocess.run(sasrec_cli(sasrec_recipe(shared_data, killed, max_epochs=5)), cwd=REPO,
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0 and "rlrec sasrec: resuming after epoch" in resumed.stderr, resumed.stderr[-2000:]
+
+    def outcome(out: Path) -> tuple:
+        metrics = json.loads((out / "sas" / "sasrec" / "metrics.json").read_text())
+        log = [json.loads(line) for line in (out / "sas" / "sasrec" / "train_log.jsonl").open()]
+        return metrics["results"]["sasrec"]["metrics"], [(r["epoch"], r["loss"], r["valid_ndcg@10"]) for r in log]
+
+    assert outcome(killed) == outcome(whole)  # the same epochs, batches and dropout: the same model
+    assert not (stage / "checkpoint.pt").exists()

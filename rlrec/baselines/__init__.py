@@ -8,6 +8,7 @@ one item, so that every train transition is predicted exactly once (`window_boun
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rlrec.baselines.sasrec import SASRec
 from rlrec.data.prepared import RunData, training_sequences, window_bounds
+from rlrec.errors import RlrecError
 from rlrec.metrics import accuracy_metrics
 from rlrec.schema import SASRecConfig
 
@@ -78,9 +80,15 @@ def sasrec_lists(model: SASRec, data: RunData, rows, k: int, exclude_history: bo
 
 
 def train_sasrec(
-    data: RunData, config: SASRecConfig, seed: int, log: Callable[[dict], None], train_split: str = "train"
-) -> tuple[SASRec, dict]:
-    """Train to convergence with early stopping on valid NDCG@10; return the best model and a summary."""
+    data: RunData, config: SASRecConfig, seed: int, log: Callable[[dict], None], train_split: str = "train",
+    state: dict | None = None, save_state: Callable[[dict], None] | None = None,
+) -> tuple[SASRec, dict]:  # fmt: skip
+    """Train to convergence with early stopping on valid NDCG@10; return the best model and a summary.
+
+    After every epoch `save_state` gets everything needed to continue (weights, optimizer, the best epoch so far,
+    the random generators), and `state` resumes from it: a resumed run trains the same epochs on the same batches
+    as an uninterrupted one. `config.time_budget_s` stops after the epoch that used up the budget (the best epoch
+    is kept, as on early stopping); the time of earlier, interrupted runs counts."""
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(seed)
@@ -91,8 +99,18 @@ def train_sasrec(
     model = SASRec(len(data.item_ids), config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, best_epoch, stale, started = -1.0, None, 0, 0, time.time()
-    bar = tqdm(range(1, config.max_epochs + 1), desc="sasrec", unit="epoch")
+    best, best_state, best_epoch, stale, first, spent = -1.0, None, 0, 0, 1, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout
+        best, best_state, best_epoch, stale = state["best"], state["best_state"], state["best_epoch"], state["stale"]
+        first, spent = state["epoch"] + 1, state["seconds"]
+    started = time.time() - spent
+    stopped, epoch = "max_epochs", first - 1
+    bar = tqdm(range(first, config.max_epochs + 1), desc="sasrec", unit="epoch", initial=first - 1,
+               total=config.max_epochs)  # fmt: skip
     for epoch in bar:
         model.train()
         total, batches = 0.0, 0
@@ -106,16 +124,30 @@ def train_sasrec(
         metrics = accuracy_metrics(lists, valid["target"], [10])
         log({"epoch": epoch, "loss": round(total / batches, 5), "valid_ndcg@10": round(metrics["ndcg@10"], 5),
              "valid_hr@10": round(metrics["hr@10"], 5), "seconds": round(time.time() - started, 1)})  # fmt: skip
-        bar.set_postfix(loss=f"{total / batches:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+        bar.set_postfix(loss=f"{total / batches:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}", best_epoch=best_epoch)
         if metrics["ndcg@10"] > best:
             best, best_state, best_epoch, stale = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
-            if stale >= config.patience:
-                break
+        if save_state is not None:
+            save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(), "best": best, "best_state": best_state,
+                        "best_epoch": best_epoch, "stale": stale, "epoch": epoch,
+                        "seconds": time.time() - started})  # fmt: skip
+        if stale >= config.patience:
+            stopped = "patience"
+            break
+        if config.time_budget_s is not None and time.time() - started >= config.time_budget_s:
+            stopped = "time_budget"
+            print(f"rlrec sasrec: time budget of {config.time_budget_s:g} s used after epoch {epoch}; keeping the best "
+                  f"epoch ({best_epoch})", file=sys.stderr)  # fmt: skip
+            break
+    if best_state is None:
+        raise RlrecError(f"sasrec: no epoch was trained (resumed at epoch {first} of max_epochs {config.max_epochs})")
     model.load_state_dict(best_state)
-    summary = {"best_epoch": best_epoch, "epochs_run": epoch, "best_valid_ndcg@10": round(best, 6),
+    summary = {"best_epoch": best_epoch, "epochs_run": epoch, "stopped": stopped, "best_valid_ndcg@10": round(best, 6),
                "train_windows": len(inputs), "train_seconds": round(time.time() - started, 1),
+               "resumed_from_epoch": first - 1 if state is not None else None,
                "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
     return model, summary
 

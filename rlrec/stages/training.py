@@ -95,7 +95,7 @@ def last_checkpoint(output_dir: Path, resume: bool, inputs: dict, stage: str) ->
     elif found:
         record = folder / INPUTS_FILE
         before = json.loads(record.read_text()) if record.is_file() else None
-        changed = _changes(before, inputs, stage)
+        changed = changed_inputs(before, inputs, stage)
         if changed:
             raise ConfigError(f"{folder} holds checkpoints of a run with other inputs ({changed}); delete the folder, "
                               f"or set {stage}.train.resume=false to start over")  # fmt: skip
@@ -117,12 +117,12 @@ def last_checkpoint(output_dir: Path, resume: bool, inputs: dict, stage: str) ->
     return None
 
 
-def _changes(before: dict | None, now: dict, stage: str) -> str:
-    """The settings that differ between two stage inputs, as 'key: old -> new' (RESUMABLE ones aside)."""
+def changed_inputs(before: dict | None, now: dict, stage: str, allowed: set[str] = RESUMABLE) -> str:
+    """The settings that differ between two stage inputs, as 'key: old -> new' (the `allowed` ones aside)."""
     if before is None:
         return "no record of the inputs they were made from"
     old, new = _flat(before), _flat(now)
-    resumable = {f"sections.{stage}.{key}" for key in RESUMABLE}
+    resumable = {f"sections.{stage}.{key}" for key in allowed}
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in resumable]
     shown = [f"{k.removeprefix('sections.')}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5]]
     return "; ".join(shown) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
