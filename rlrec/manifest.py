@@ -1,5 +1,8 @@
-"""Stage manifests: what a stage read (with content hashes), with which package versions and seed, how long it took
-(wall and CPU seconds) and the process's peak resident memory.
+"""Stage manifests: what a stage read (with content hashes), with which package versions and seed, on which machine
+(CPU model, the SIMD level torch's kernels use, threads), how long it took (wall and CPU seconds) and the process's
+peak resident memory. Runs of the same commit and seed reproduce to the digit on one machine; across machines the
+kernels for another SIMD level round differently, and training amplifies that (docs/pipeline.md), so the machine
+block says which numbers can be compared digit for digit.
 
 `runs/<name>/<stage>/manifest.json` lets a later run decide whether a stage's inputs changed and lets a reader of a
 results table trace every number back to exact inputs.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import resource
 import sys
@@ -43,12 +47,32 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def machine() -> dict:
+    """What decides the floating-point results of the same code on another machine. Torch's part only when the
+    stage imported torch (a stage that did not use it does not pay for the import)."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), None)
+    info = {"cpu": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info.update(torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), torch_threads=torch.get_num_threads(),
+                    cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)  # fmt: skip
+    return info
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return []
+
+
 def write_manifest(stage_dir: Path, inputs: Iterable[str | Path], seed: int, wall_time_s: float, **extra) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     manifest = {
         "inputs": {str(p): hash_path(p) for p in inputs if Path(p).exists()},
         "versions": package_versions(),
         "seed": seed,
+        "machine": machine(),
         "wall_time_s": round(wall_time_s, 3),
         # peak resident memory of this process so far (Linux reports KiB); per process under accelerate launch
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
