@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from rlrec.decoding import ItemTrie, TrieLogitsProcessor, items_from_generations, recommend
+from rlrec.decoding import ItemTrie, TrieLogitsProcessor, items_from_generations, recommend, sample_items
 from rlrec.decoding.beam import encode_prompts, left_pad
 from rlrec.decoding.regex import identifier_regex
 from rlrec.errors import RlrecError
@@ -135,3 +135,38 @@ def test_regex_accepts_every_item_and_rejects_others():
     assert all(pattern.fullmatch(text) for text in [*SID.values(), *TITLES.values()])
     for other in ["<a_1><b_7>", "<a_1><b_7><c_99>", "Toy Story 3", "Hea", ""]:
         assert not pattern.fullmatch(other)
+
+
+def test_sampled_rollouts_ignore_an_instruct_models_generation_config():
+    """Qwen2.5-Instruct ships temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.05; with a setting the
+    rollout does not name (min_p 0.5 here) any such value would fill in. `sample_items` samples from the model's own
+    constrained distribution: the frequencies of 400 samples match the teacher-forced probabilities, and the model's
+    config is left as it was."""
+    from transformers import GenerationConfig
+
+    tokenizer, model, trie = setup(SID, seed=3)
+    instruct = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
+                                min_p=0.5)  # fmt: skip
+    model.generation_config = instruct
+    ids, mask = left_pad(encode_prompts(tokenizer, PROMPTS[2:]), tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    _, items = sample_items(model, trie, ids, mask, 400, 1.0, tokenizer.pad_token_id)
+    assert model.generation_config is instruct
+    assert set(items) <= set(SID) and len(set(items)) > 5
+
+    prompt = ids[0].tolist()
+    with torch.no_grad():  # the constrained distribution: each step's softmax over the trie's allowed tokens
+        logits = model(torch.tensor([prompt + sequence for sequence in trie.sequences])).logits
+
+    def probability(index: int) -> float:
+        node, total = 0, 0.0
+        for step, token in enumerate(trie.sequences[index]):
+            allowed = sorted(trie.children[node])
+            total += logits[index, len(prompt) - 1 + step, allowed].log_softmax(-1)[allowed.index(token)].item()
+            node = trie.children[node][token]
+        return float(torch.tensor(total).exp())
+
+    exact = {item: probability(i) for i, item in enumerate(trie.item_ids)}
+    assert sum(exact.values()) == pytest.approx(1.0, abs=1e-4)
+    for item in sorted(exact, key=exact.get)[-3:]:  # the three likeliest items: within 4 standard errors
+        assert abs(items.count(item) / len(items) - exact[item]) < 4 * (exact[item] * (1 - exact[item]) / 400) ** 0.5

@@ -2,7 +2,7 @@
 processor for `generate`, and a regular expression of all identifiers for vLLM structured outputs."""
 
 from rlrec.decoding.beam import recommend
-from rlrec.decoding.processor import TrieLogitsProcessor, items_from_generations
+from rlrec.decoding.processor import TrieLogitsProcessor, items_from_generations, sample_items
 from rlrec.decoding.trie import ItemTrie
 
-__all__ = ["ItemTrie", "TrieLogitsProcessor", "items_from_generations", "recommend"]
+__all__ = ["ItemTrie", "TrieLogitsProcessor", "items_from_generations", "recommend", "sample_items"]

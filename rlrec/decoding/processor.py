@@ -7,14 +7,19 @@ allowed continuation, raises; the mask is never silently skipped (MiniOneRec's p
 generation when its lookup is empty). A row that has finished its item (reached a terminal node: after the stop
 token, or after the last token of a prefix-free identifier) may only emit padding or the stop token.
 
-Our batched `beam_search` is the fast path for top-K; this processor serves sampling (GRPO rollouts) and users of
-`generate`.
+Our batched `beam_search` is the fast path for top-K; this processor serves sampling (GRPO rollouts,
+`sample_items`) and users of `generate`.
+
+`sample_items` samples under a blank generation config: an Instruct model's `generation_config.json` (Qwen2.5-Instruct
+ships temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05) would otherwise fill every setting the call
+leaves unset, so the rollouts would come from another distribution than the one the policy's log-probabilities
+are computed from, without a word (MiniOneRec's issue #49 is that class of bug).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor
 
 from rlrec.decoding.trie import ItemTrie
 from rlrec.errors import RlrecError
@@ -64,3 +69,23 @@ def items_from_generations(trie: ItemTrie, sequences: torch.Tensor, prompt_lengt
             raise RlrecError(f"generation stopped before completing an item: {ids}")
         items.append(trie.item_ids[trie.terminal[node]])
     return items
+
+
+@torch.no_grad()
+def sample_items(
+    model, trie: ItemTrie, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int, temperature: float,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+    """`samples` constrained samples per prompt at `temperature` from the model's own distribution (no top-k, top-p
+    or repetition penalty from the model's generation config): (sequences with their prompts, item ids)."""
+    processor = TrieLogitsProcessor(trie, input_ids.shape[1], pad_token_id)
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_k=0,
+            top_p=1.0, num_return_sequences=samples, max_new_tokens=trie.max_length, logits_processor=[processor],
+            pad_token_id=pad_token_id, eos_token_id=trie.stop_token,
+        )  # fmt: skip
+    finally:
+        model.generation_config = saved
+    return sequences, items_from_generations(trie, sequences.cpu(), input_ids.shape[1])

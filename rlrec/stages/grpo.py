@@ -29,7 +29,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from rlrec.baselines import encode_histories, load_sasrec
 from rlrec.data.prepared import RunData, load_run_data, training_sequences
-from rlrec.decoding import TrieLogitsProcessor, items_from_generations
+from rlrec.decoding import sample_items
 from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
@@ -88,14 +88,7 @@ def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
                 items = [trie.item_ids[int(i)] for i in indices.reshape(-1)]
                 ranks = list(range(size)) * len(unique)
             else:
-                processor = TrieLogitsProcessor(trie, ids.shape[1], pad_id)
-                with torch.no_grad():
-                    sequences = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                        temperature=config.temperature, top_k=0, top_p=1.0, num_return_sequences=size,
-                        max_new_tokens=trie.max_length, logits_processor=[processor], pad_token_id=pad_id,
-                    )  # fmt: skip
-                items = items_from_generations(trie, sequences.cpu(), ids.shape[1])
+                _, items = sample_items(model, trie, ids.to(device), mask.to(device), size, config.temperature, pad_id)
                 ranks = [None] * len(items)
             if was_training:
                 model.train()
