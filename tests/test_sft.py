@@ -138,3 +138,25 @@ def test_accelerate_launch_two_processes(shared_data, prepared, tmp_path, config
     assert "world size 2" in result.stdout
     training = json.loads((recipe.stage_dir("sft") / "metrics.json").read_text())["training"]
     assert training["world_size"] == 2 and training["distributed_type"] == kind and training["global_step"] == 4
+
+
+def test_tokenised_rows_are_cached_by_content_and_give_the_same_training(shared_data, prepared, tmp_path, capsys):
+    recipe = recipe_with_data(shared_data, prepared, tmp_path)
+    out = recipe.stage_dir("sft")
+    train_sft(recipe)
+    assert "tokenised rows cached in" in capsys.readouterr().err
+    cache = recipe.stage_dir("data") / "tokenised"
+    (key,) = [p.name for p in cache.iterdir()]
+    losses = [row["loss"] for row in map(json.loads, (out / "train_log.jsonl").open()) if "loss" in row]
+
+    again = tiny_recipe(shared_data, tmp_path)
+    again["sft"]["train"]["resume"] = False  # train again from scratch, on the cached rows
+    train_sft(from_dict(Recipe, again))
+    assert f"tokenised rows from {cache / key}" in capsys.readouterr().err
+    assert [row["loss"] for row in map(json.loads, (out / "train_log.jsonl").open()) if "loss" in row] == losses
+
+    other = tiny_recipe(shared_data, tmp_path)
+    other["sft"].update(max_length=96, train={**other["sft"]["train"], "resume": False})
+    train_sft(from_dict(Recipe, other))  # other rows for TRL: a new key, and only it is kept
+    assert "tokenised rows cached in" in capsys.readouterr().err
+    assert [p.name for p in cache.iterdir()] != [key]

@@ -7,7 +7,8 @@ Loss on the completion only (the identifier and the stop token; TRL's prompt/com
 `lora` (rank, alpha, dropout, target modules; the identifier tokens' embedding rows trainable through PEFT's
 `trainable_token_indices`, or whole embedding and head through `modules_to_save`) or `full`. `auto` picks full for
 a model built from scratch (its weights are random: low-rank updates to random matrices make no sense) and LoRA
-for a pretrained one. Checkpoints go to `runs/<name>/sft/checkpoints/` and a rerun resumes from the last one.
+for a pretrained one. Checkpoints go to `runs/<name>/sft/checkpoints/` and a rerun resumes from the last one; the
+rows TRL tokenised are cached by content hash in `runs/<name>/data/tokenised/` (rlrec.stages.sft_cache).
 At the end the model (or adapter) is saved to `runs/<name>/sft/model/` and evaluated with the harness
 (constrained top-K beam over the full catalogue) on the configured splits: `metrics.json`.
 """
@@ -29,6 +30,7 @@ from rlrec.recipe import Recipe, stage_inputs
 from rlrec.schema import EvalConfig, SFTConfig
 from rlrec.stages.guard import make_guard
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
+from rlrec.stages.sft_cache import cache_key, load_cached, save_cached
 from rlrec.stages.sft_rows import sequence_rows, target_rows
 from rlrec.stages.training import lora_config, training_arguments, wants_plain_lm_head
 from rlrec.upstream import unfuse_lm_head, unwrap_peft
@@ -74,15 +76,24 @@ def train_sft(recipe: Recipe):
         train_dataset = train_dataset.select(range(config.max_train_rows))  # already shuffled
     targets = sum(train_dataset["targets"]) if "targets" in train_dataset.column_names else len(train_dataset)
     train_dataset = train_dataset.remove_columns([c for c in ("targets", "user") if c in train_dataset.column_names])
-    args = trl.SFTConfig(**training_arguments(config.train, out, recipe.seed), max_length=config.max_length,
-                         completion_only_loss=True, packing=False)  # fmt: skip
+    settings = {"max_length": config.max_length, "completion_only_loss": True, "packing": False}
+    key = cache_key(train_dataset, tokenizer, settings)
+    cached = load_cached(data.path, key)
+    args = trl.SFTConfig(**training_arguments(config.train, out, recipe.seed), **settings,
+                         dataset_kwargs={"skip_prepare_dataset": cached is not None})  # fmt: skip
     trainer = build_trainer(
         "sft",
         out,
         lambda: trl.SFTTrainer(
-            model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
-        ),
+            model=model,
+            args=args,
+            train_dataset=cached if cached is not None else train_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        ),  # fmt: skip
     )
+    if cached is None:
+        save_cached(data.path, key, trainer.train_dataset, is_main_process())
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model))
     guard = None
