@@ -1,7 +1,7 @@
 """Nothing lost, nothing mixed: a resumed stage keeps its guard (the curve, the best score and weights, step 0
-included), never resumes from checkpoints of other inputs, skips a checkpoint without weights, stopping the
-pipeline stops its trainer too, SASRec resumes after SIGKILL to the model an uninterrupted run trains, and data that
-leaves a split empty is an error at `data prepare`."""
+included), never resumes from checkpoints of other inputs, skips a checkpoint without weights; stopping the
+pipeline stops its trainer too; Ctrl-C in a stage is one line and a resumable state; SASRec resumes after SIGKILL
+to the model an uninterrupted run trains; data that leaves a split empty is an error at `data prepare`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from rlrec.errors import ConfigError, RlrecError
 from rlrec.recipe import Recipe
 from rlrec.stages import data as data_stage
 from rlrec.stages import grpo, sft
-from tests.conftest import REPO, tiny_pipeline
+from tests.conftest import REPO, run_cli, tiny_pipeline
 
 
 def guarded_recipe(out: Path, **train) -> dict:
@@ -253,3 +253,42 @@ def test_sasrec_resumes_after_sigkill_to_the_same_model(shared_data, tmp_path):
 
     assert outcome(killed) == outcome(whole)  # the same epochs, batches and dropout: the same model
     assert not (stage / "checkpoint.pt").exists()
+
+
+def test_an_empty_movielens_file_and_a_kcore_that_removes_everything_are_errors(shared_data, tmp_path):
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    shutil.copy(shared_data / "movielens-100k" / "u.item", folder / "u.item")
+    (folder / "u.data").write_text("")
+    raw = tiny_pipeline(tmp_path)
+    raw["data"]["source"] = {"format": "movielens", "path": str(folder)}
+    with pytest.raises(RlrecError, match=r"ml: no train / valid / test samples \(0 users, .* 0 interactions"):
+        data_stage.run(from_dict(Recipe, raw))
+    raw["data"]["source"] = {"format": "movielens", "path": str(shared_data / "movielens-100k"), "kcore": 1000}
+    with pytest.raises(RlrecError, match=r"movielens-100k: no train / valid / test samples \(0 users"):
+        data_stage.run(from_dict(Recipe, raw))
+
+
+def test_sigint_during_training_is_one_line_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C in a training stage: exit 130 with one line, no traceback; the same command resumes."""
+    raw = tiny_pipeline(tmp_path, max_steps=100_000)
+    raw["sft"]["train"]["save_steps"] = 20
+    recipe_path = tmp_path / "long.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    assert run_cli("data", "prepare", "--config", str(recipe_path)).returncode == 0
+    command = [sys.executable, "-m", "rlrec.cli", "sft", "--config", str(recipe_path)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "pipe" / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    (line,) = [text for text in stderr.splitlines() if text.startswith("rlrec: ")]  # (then tqdm closes its bar)
+    assert line == "rlrec: stopped by SIGINT; rerun the same command to resume from the last checkpoint"
+    raw["sft"]["train"]["max_steps"] = 40  # resumable: how long it trains
+    recipe_path.write_text(yaml.safe_dump(raw))
+    result = run_cli("sft", "--config", str(recipe_path))
+    assert result.returncode == 0 and "resume from " + str(checkpoints / "checkpoint-") in result.stderr + result.stdout
