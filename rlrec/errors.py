@@ -42,7 +42,8 @@ def run_reporting_errors(command: Callable[[], object]) -> int:
         return 2
     except (KeyboardInterrupt, Stopped) as err:
         name = "SIGTERM" if isinstance(err, Stopped) else "SIGINT"
-        print(f"rlrec: stopped by {name}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        # on a line of its own: a progress bar may be mid-line (tqdm ends its lines with "\r", not "\n")
+        print(f"\nrlrec: stopped by {name}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 143 if isinstance(err, Stopped) else 130
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a bug or the system's, keep the traceback

@@ -125,15 +125,15 @@ def pipeline_recipe(out: Path, identifier: str, model_path: Path | None, rollout
                  "split": {"method": "leave_one_out", "max_history": 4}, "prompt": {"identifier": identifier}},
         "sft": {"model": {"path": str(model_path)} if model_path else {"hidden_size": 32, "layers": 1, "heads": 2},
                 "lora": {"r": 4, "alpha": 8},
-                "train": {**train, "max_steps": 6, "batch_size": 8, "learning_rate": 0.01},
-                "max_length": 256, "eval_splits": ["test"], "eval_max_users": 16},
+                "train": {**train, "max_steps": 4, "batch_size": 8, "learning_rate": 0.01},
+                "max_length": 256, "eval_splits": ["test"], "eval_max_users": 8},
         "grpo": {"rollout": rollout, "num_generations": 4, "prompts_per_device": 2, "rewards": {"hit": 1.0},
                  "train": {**train, "max_steps": 2, "learning_rate": 0.001}, "guard": guard,
-                 "eval_splits": ["test"], "eval_max_users": 16},
+                 "eval_splits": ["test"], "eval_max_users": 8},
         "dpo": {"loss": "sdpo", "negatives": {"hard": 2, "popular": 1}, "train_rows": "last",
                 "train": {**train, "max_steps": 2, "batch_size": 2, "learning_rate": 0.001}, "guard": guard,
-                "eval_splits": ["test"], "eval_max_users": 16},
-        "eval": {"ks": [1, 5, 10], "batch_size": 8, "max_users": 16},
+                "eval_splits": ["test"], "eval_max_users": 8},
+        "eval": {"ks": [1, 5, 10], "batch_size": 8, "max_users": 8},
         "pipeline": {"launcher": "python"},  # the recipe test below goes through `accelerate launch`
     }  # fmt: skip
     if identifier == "sid":
@@ -224,7 +224,7 @@ def test_whole_pipeline_on_a_pretrained_path(tokenizer_kind, identifier, rollout
     lists = recommender.recommend_batch(test_rows["history"], k=max(recommender.eval.ks))
     scored = score_lists([[item for item, _ in r] for r in lists], test_rows["target"], data, recommender.eval.ks)
     assert scored == stage_test["metrics"]
-    assert sft_metrics["test"]["num_users"] == 16
+    assert sft_metrics["test"]["num_users"] == 8
 
 
 # --- the shipped GPU recipes, run on CPU with the small model and a handful of steps ---------------------------------
@@ -247,7 +247,7 @@ def cpu_overrides(recipe_path: Path, model: Path, shared_data: Path, out: Path) 
         "data.split.max_history=3",  # short prompts: every row's logits span the 151k-token vocabulary
         f"pipeline.accelerate_config={REPO / 'accelerate_configs/single.yaml'}",
         "sft.train.max_steps=2", "sft.train.batch_size=2", "sft.max_train_rows=16", "sft.select.users=8",
-        "sft.eval_max_users=8", "sasrec.max_epochs=1", "eval.max_users=8",
+        "sft.eval_max_users=8", "sasrec.max_epochs=1", "eval.max_users=8", "eval.ks=[1,5,10]", "eval.beam_width=10",
         *[f"{stage}.{o}" for stage in ("grpo", "dpo") if stage in recipe for o in [*few, *batch[stage]]],
     ]  # fmt: skip
     if "items" in recipe:  # a ready index on the shared data: the recipe's own, or the ready Scientific IDs

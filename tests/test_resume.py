@@ -286,7 +286,7 @@ def test_sigint_during_training_is_one_line_and_the_rerun_resumes(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
-    (line,) = [text for text in stderr.splitlines() if text.startswith("rlrec: ")]  # (then tqdm closes its bar)
+    (line,) = [text for text in stderr.splitlines() if text.startswith("rlrec: ")]
     assert line == "rlrec: stopped by SIGINT; rerun the same command to resume from the last checkpoint"
     raw["sft"]["train"]["max_steps"] = 40  # resumable: how long it trains
     recipe_path.write_text(yaml.safe_dump(raw))
