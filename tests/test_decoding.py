@@ -150,7 +150,7 @@ def test_sampled_rollouts_ignore_an_instruct_models_generation_config():
     model.generation_config = instruct
     ids, mask = left_pad(encode_prompts(tokenizer, PROMPTS[2:]), tokenizer.pad_token_id)
     torch.manual_seed(0)
-    _, items = sample_items(model, trie, ids, mask, 400, 1.0, tokenizer.pad_token_id)
+    items = sample_items(model, trie, ids, mask, 400, 1.0, tokenizer.pad_token_id)
     assert model.generation_config is instruct
     assert set(items) <= set(SID) and len(set(items)) > 5
 

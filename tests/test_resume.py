@@ -212,20 +212,11 @@ def sasrec_cli(recipe: Path) -> list[str]:
 @pytest.mark.slow(reason="three SASRec runs of 5 epochs on MovieLens-100K, one killed with SIGKILL")
 def test_sasrec_resumes_after_sigkill_to_the_same_model(shared_data, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    for out in (whole, killed):
-        out.mkdir()
-        prepare = [
-            sys.executable,
-            "-m",
-            "rlrec.cli",
-            "data",
-            "prepare",
-            "--config",
-            str(sasrec_recipe(shared_data, out)),
-        ]
-        result = subprocess.run(prepare, cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
-    result = subprocess.run(sasrec_cli(sasrec_recipe(shared_data, whole)), cwd=REPO, capture_output=True, text=True)
+    whole.mkdir()
+    result = run_cli("data", "prepare", "--config", str(sasrec_recipe(shared_data, whole)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(whole / "sas" / "data", killed / "sas" / "data")  # the same prepared data for both runs
+    result = run_cli("baseline", "sasrec", "--config", str(sasrec_recipe(shared_data, whole)))
     assert result.returncode == 0, result.stderr[-2000:]
 
     stage = killed / "sas" / "sasrec"
@@ -239,11 +230,9 @@ def test_sasrec_resumes_after_sigkill_to_the_same_model(shared_data, tmp_path):
     logged = [json.loads(line)["epoch"] for line in (stage / "train_log.jsonl").open()]
     assert logged and max(logged) < 5 and not (stage / "metrics.json").exists(), logged
 
-    changed = subprocess.run(sasrec_cli(sasrec_recipe(shared_data, killed, lr=0.01)), cwd=REPO, capture_output=True,
-                             text=True)  # fmt: skip
+    changed = run_cli("baseline", "sasrec", "--config", str(sasrec_recipe(shared_data, killed, lr=0.01)))
     assert changed.returncode == 2 and "sasrec.lr: 0.001 -> 0.01" in changed.stderr, changed.stderr[-2000:]
-    resumed = subprocess.run(sasrec_cli(sasrec_recipe(shared_data, killed, max_epochs=5)), cwd=REPO,
-                             capture_output=True, text=True)  # fmt: skip
+    resumed = run_cli("baseline", "sasrec", "--config", str(sasrec_recipe(shared_data, killed, max_epochs=5)))
     assert resumed.returncode == 0 and "rlrec sasrec: resuming after epoch" in resumed.stderr, resumed.stderr[-2000:]
 
     def outcome(out: Path) -> tuple:

@@ -114,15 +114,17 @@ def beam_search(
     return items.masked_fill(torch.isinf(scores), -1), scores
 
 
-def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence, answer: list[int] | None = None) -> list[list[int]]:
     """Chat-message prompts (or plain strings, taken as one user turn) -> token ids with the generation prompt and
-    the tokens the template writes before an answer (`answer_prefix_ids`).
-    Prompts that are token ids already (`rlrec.decoding.inputs`, the sequence format) are used as they are."""
+    the tokens the template writes before an answer (`answer`, derived by `answer_prefix_ids` when not given:
+    `ModelInputs` derives them once per run). Prompts that are token ids already (`rlrec.decoding.inputs`, the
+    sequence format) are used as they are."""
     if prompts and all(isinstance(p, list) and p and isinstance(p[0], int) for p in prompts):
         return [list(p) for p in prompts]
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     encoded = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=False)
-    answer = answer_prefix_ids(tokenizer)  # e.g. Qwen3's empty think block: the training text has it too
+    if answer is None:  # e.g. Qwen3's empty think block: the training text has it too
+        answer = answer_prefix_ids(tokenizer)
     return [ids + answer for ids in encoded]
 
 

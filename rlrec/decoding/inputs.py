@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rlrec.decoding.beam import encode_prompts
-from rlrec.decoding.trie import ItemTrie
+from rlrec.decoding.trie import ItemTrie, answer_prefix_ids
 from rlrec.schema import PromptConfig
 
 
@@ -34,21 +34,23 @@ from rlrec.schema import PromptConfig
 class ModelInputs:
     format: str  # chat | sequence
     trie: ItemTrie
+    answer: list[int]  # what the chat template writes before an answer (`answer_prefix_ids`), ending every prompt
     prefix: list[int] = field(default_factory=list)  # sequence: the templated user turn and the assistant header
     blocks: dict[str, list[int]] = field(default_factory=dict)  # sequence: item id -> its tokens
 
     @classmethod
     def build(cls, tokenizer, identifiers: Mapping[str, str], prompt: PromptConfig) -> ModelInputs:
+        answer = answer_prefix_ids(tokenizer)
         if prompt.format == "chat":
-            return cls("chat", ItemTrie.build(tokenizer, identifiers))
+            return cls("chat", ItemTrie.build(tokenizer, identifiers), answer)
         separator = prompt.separator.strip()
         tail = tokenizer.encode(separator, add_special_tokens=False) if separator else []
         blocks = {item: tokenizer.encode(text, add_special_tokens=False) + tail for item, text in identifiers.items()}
         trie = ItemTrie.from_sequences(list(blocks), list(blocks.values()), stop_token=None)
         header = prompt.template.replace("{history}", "").strip()
         system = [{"role": "system", "content": prompt.system}] if prompt.system else []
-        prefix = encode_prompts(tokenizer, [[*system, {"role": "user", "content": header}]])[0]
-        return cls("sequence", trie, prefix, blocks)
+        prefix = encode_prompts(tokenizer, [[*system, {"role": "user", "content": header}]], answer)[0]
+        return cls("sequence", trie, answer, prefix, blocks)
 
     def history_ids(self, history: Sequence[str]) -> list[int]:
         """Sequence format: the prompt that predicts the item after `history`."""
@@ -57,5 +59,5 @@ class ModelInputs:
     def prompt_ids(self, tokenizer, rows) -> list[list[int]]:
         """Prompt token ids for rows with `prompt` (chat messages) and `history` (item ids) columns."""
         if self.format == "chat":
-            return encode_prompts(tokenizer, rows["prompt"])
+            return encode_prompts(tokenizer, rows["prompt"], self.answer)
         return [self.history_ids(history) for history in rows["history"]]

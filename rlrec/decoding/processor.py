@@ -75,9 +75,9 @@ def items_from_generations(trie: ItemTrie, sequences: torch.Tensor, prompt_lengt
 def sample_items(
     model, trie: ItemTrie, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int, temperature: float,
     pad_token_id: int,
-) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+) -> list[str]:  # fmt: skip
     """`samples` constrained samples per prompt at `temperature` from the model's own distribution (no top-k, top-p
-    or repetition penalty from the model's generation config): (sequences with their prompts, item ids)."""
+    or repetition penalty from the model's generation config): the sampled item ids, prompt by prompt."""
     processor = TrieLogitsProcessor(trie, input_ids.shape[1], pad_token_id)
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
@@ -88,4 +88,4 @@ def sample_items(
         )  # fmt: skip
     finally:
         model.generation_config = saved
-    return sequences, items_from_generations(trie, sequences.cpu(), input_ids.shape[1])
+    return items_from_generations(trie, sequences.cpu(), input_ids.shape[1])

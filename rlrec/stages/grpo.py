@@ -62,7 +62,7 @@ def prompt_encoder(inputs: ModelInputs, tokenizer, dataset):
     """Prompts as TRL hands them to the rollout (the dataset's `prompt` column) -> token ids. In the sequence format
     a prompt's ids come from its history, looked up in the training prompts (equal prompts, equal histories)."""
     if inputs.format == "chat":
-        return lambda prompts: encode_prompts(tokenizer, prompts)
+        return lambda prompts: encode_prompts(tokenizer, prompts, inputs.answer)
     history = {json.dumps(p, sort_keys=True): h for p, h in zip(dataset["prompt"], dataset["history"], strict=True)}
     return lambda prompts: [inputs.history_ids(history[json.dumps(p, sort_keys=True)]) for p in prompts]
 
@@ -88,7 +88,7 @@ def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
                 items = [trie.item_ids[int(i)] for i in indices.reshape(-1)]
                 ranks = list(range(size)) * len(unique)
             else:
-                _, items = sample_items(model, trie, ids.to(device), mask.to(device), size, config.temperature, pad_id)
+                items = sample_items(model, trie, ids.to(device), mask.to(device), size, config.temperature, pad_id)
                 ranks = [None] * len(items)
             if was_training:
                 model.train()

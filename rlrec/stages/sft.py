@@ -81,16 +81,13 @@ def train_sft(recipe: Recipe):
     cached = load_cached(data.path, key)
     args = trl.SFTConfig(**training_arguments(config.train, out, recipe.seed), **settings,
                          dataset_kwargs={"skip_prepare_dataset": cached is not None})  # fmt: skip
+    rows = cached if cached is not None else train_dataset
     trainer = build_trainer(
         "sft",
         out,
         lambda: trl.SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=cached if cached is not None else train_dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        ),  # fmt: skip
+            model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+        ),
     )
     if cached is None:
         save_cached(data.path, key, trainer.train_dataset, is_main_process())
