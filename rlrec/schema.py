@@ -242,7 +242,7 @@ class SASRecConfig:
     negatives: int = 1  # bce only
     lr: float = 1e-3
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0  # TrainingArguments.label_smoothing_factor (TRL's SFT then scores full logits)
+    label_smoothing: float = 0.0  # full-softmax (ce) loss only, as F.cross_entropy applies it
     batch_size: int = 128
     max_epochs: int = 200
     patience: int = 20  # epochs without a better valid NDCG@10 before stopping (valid NDCG is noisy)
@@ -320,7 +320,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # share of the total steps, < 1
     scheduler: Scheduler = "cosine"
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0  # TrainingArguments.label_smoothing_factor (TRL's SFT then scores full logits)
+    label_smoothing: float = 0.0  # SFT: in the plain head on the labelled positions (train.lm_head plain/auto); fused: TRL scores full logits
     max_grad_norm: float = 1.0
     logging_steps: int = 10
     save_steps: int = 200

@@ -62,7 +62,7 @@ def logit_scale(config) -> float:
     return 1.0
 
 
-def unfuse_lm_head(model, temperature: float = 1.0) -> None:
+def unfuse_lm_head(model, temperature: float = 1.0, label_smoothing: float = 0.0) -> None:
     """Replace TRL's fused LM head (`add_fused_lm_head`) on `model` by a plain one with the same outputs.
 
     Upstream: TRL 1.16's fused head reads `get_output_embeddings().weight` and `.bias` directly. Under PEFT's token
@@ -71,7 +71,12 @@ def unfuse_lm_head(model, temperature: float = 1.0) -> None:
     log-probabilities. The plain forward runs the decoder, then the output layer (through any wrapper) only on the
     labelled positions: with completion-only losses that is a few tokens per row, so it is also much cheaper than
     the chunked kernel for small vocabularies. Same fields as TRL's `FusedCausalLMOutput` (the logit scale and
-    soft-capping applied as TRL applies them), and the same `fused_lm_head=True` call signature the trainers use."""
+    soft-capping applied as TRL applies them), and the same `fused_lm_head=True` call signature the trainers use.
+
+    `label_smoothing` > 0 (SFT only): the returned `log_probs`, which TRL's SFT loss negates and averages, are the
+    smoothed log-likelihood `(1 - eps) * log p(target) + eps * mean_v log p(v)`, transformers' `LabelSmoother`
+    objective, computed on the labelled positions only. TRL's own label smoothing needs the full logits of every
+    position and a second forward pass (3.2x the CPU time of a Scientific run, docs/sft.md)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     original = type(model).forward
@@ -103,7 +108,10 @@ def unfuse_lm_head(model, temperature: float = 1.0) -> None:
             full[mask] = values
             return full
 
-        per_token = scatter(logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        per_token = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        if label_smoothing:
+            per_token = (1 - label_smoothing) * per_token + label_smoothing * logprobs.mean(-1)
+        per_token = scatter(per_token)
         loss = -per_token.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(
             loss=loss, log_probs=per_token, entropy=scatter(-(logprobs.exp() * logprobs).sum(-1)),

@@ -80,6 +80,29 @@ def test_unfused_head_matches_trl_fused_head(scale):
     assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)  # generation path untouched
 
 
+def test_unfused_head_label_smoothing_is_transformers_label_smoother():
+    """`label_smoothing` in the plain head gives the loss transformers' `LabelSmoother` computes from the full logits
+    (the path TRL's SFT takes for `label_smoothing_factor`, with a second forward), and the same gradients."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model, tokenizer, _ = tiny_model()
+    plain = copy.deepcopy(model)
+    unfuse_lm_head(plain, label_smoothing=0.1)
+    ids, labels = labelled_batch(len(tokenizer))
+    scored = (labels[:, 1:] != -100).sum()
+    ours = -plain(input_ids=ids, labels=labels, fused_lm_head=True).log_probs.sum() / scored
+    theirs = LabelSmoother(epsilon=0.1)(model(input_ids=ids), labels, shift_labels=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    ours.backward(), theirs.backward()
+    grads = [(a.grad, b.grad) for a, b in zip(plain.parameters(), model.parameters(), strict=True)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in grads)
+    unsmoothed = copy.deepcopy(model)
+    unfuse_lm_head(unsmoothed)
+    assert not torch.allclose(
+        ours, -unsmoothed(input_ids=ids, labels=labels, fused_lm_head=True).log_probs.sum() / scored
+    )
+
+
 def test_trl_fused_head_still_misses_peft_token_adapters():
     """Upstream behaviour behind `unfuse_lm_head`: TRL's fused head reads the output layer's weight directly, so under
     PEFT's trainable-token adapter it fails or scores with the untrained rows. If this test fails, TRL handles the

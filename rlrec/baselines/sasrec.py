@@ -74,7 +74,7 @@ class SASRec(nn.Module):
         mask = targets > 0
         h, pos = h[mask], targets[mask]
         if self.config.loss == "ce":
-            return F.cross_entropy(h @ self.items.weight[1:].T, pos - 1)
+            return F.cross_entropy(h @ self.items.weight[1:].T, pos - 1, label_smoothing=self.config.label_smoothing)
         neg = torch.randint(1, self.items.num_embeddings, (len(pos), self.config.negatives), device=seq.device)
         pos_logit = (h * self.items(pos)).sum(-1)
         neg_logit = (h.unsqueeze(1) * self.items(neg)).sum(-1)

@@ -92,7 +92,8 @@ def train_sft(recipe: Recipe):
     if cached is None:
         save_cached(data.path, key, trainer.train_dataset, is_main_process())
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
-        unfuse_lm_head(unwrap_peft(trainer.model))
+        unfuse_lm_head(unwrap_peft(trainer.model), label_smoothing=config.train.label_smoothing)
+        trainer.label_smoother = None  # smoothed inside the plain head, on the labelled positions only
     guard = None
     if config.select is not None:
         out.mkdir(parents=True, exist_ok=True)
