@@ -320,7 +320,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # share of the total steps, < 1
     scheduler: Scheduler = "cosine"
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0  # SFT: in the plain head on the labelled positions (train.lm_head plain/auto); fused: TRL scores full logits
+    label_smoothing: float = 0.0  # SFT: applied by the plain head (lm_head plain/auto); fused: TRL scores full logits
     max_grad_norm: float = 1.0
     logging_steps: int = 10
     save_steps: int = 200
