@@ -270,6 +270,9 @@ def cpu_overrides(recipe_path: Path, model: Path, shared_data: Path, out: Path) 
         f"pipeline.accelerate_config={REPO / 'accelerate_configs/single.yaml'}",
         "sft.train.max_steps=2", "sft.train.batch_size=2", "sft.max_train_rows=16", "sft.select.users=8",
         "sft.eval_max_users=8", "sasrec.max_epochs=1", "eval.max_users=8", "eval.ks=[1,5,10]", "eval.beam_width=10",
+        # the plain output layer scores only the labelled positions: on CPU the cheaper one (docs/sft.md); the fused
+        # kernel a GPU run of a title recipe gets is compared with it in test_upstream.py
+        *[f"{stage}.train.lm_head=plain" for stage in ("sft", "grpo", "dpo") if stage in recipe],
         *[f"{stage}.{o}" for stage in ("grpo", "dpo") if stage in recipe for o in [*few, *batch[stage]]],
     ]  # fmt: skip
     if "items" in recipe:  # a ready index on the shared data: the recipe's own, or the ready Scientific IDs
