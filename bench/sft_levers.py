@@ -1,6 +1,6 @@
 """SFT levers against SASRec: each lever alone and together, one table per dataset, one protocol.
 
-    python bench/sft_levers.py [--spec bench/sft_levers.yaml] [--doc docs/sft.md]
+    python bench/sft_levers.py [--spec bench/sft_levers.yaml] [--doc docs/sft.md] [--tables NAME ...]
 
 `bench/sft_levers.yaml` names, per dataset, the baseline (SASRec with full softmax, its seeds' metrics.json) and the
 SFT rows (label, the seeds' sft/metrics.json, the command). For every row the table gives test NDCG@10 and HR@10
@@ -115,11 +115,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(REPO / "bench/sft_levers.yaml"))
     parser.add_argument("--doc", default=str(REPO / "docs/sft.md"))
+    parser.add_argument("--tables", nargs="*", help="rebuild only these tables (default: all)")
     args = parser.parse_args()
     spec = yaml.safe_load(Path(args.spec).read_text())
     doc_path = Path(args.doc)
     doc = doc_path.read_text()
     for name, table_spec in spec["tables"].items():
+        if args.tables and name not in args.tables:
+            continue
         text, curves = table(name, table_spec)
         image = doc_path.parent / "img" / f"sft_levers_{name}.png"
         title = f"{table_spec['title']}: validation NDCG@10 per epoch against CPU seconds (seed {table_spec['seed']})"
