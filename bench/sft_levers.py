@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -104,7 +105,7 @@ def plot(title: str, curves: dict, out: Path) -> bool:
     ax.set_xlabel("CPU seconds into training")
     ax.set_ylabel("valid NDCG@10 (all validation users)")
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
