@@ -167,7 +167,7 @@ def assert_training_text_is_the_decoding_prompt(model, tokenizer, data, out: Pat
         assert row["input_ids"][: len(prompt) + len(item_tokens)] == prompt + item_tokens
         start = len(prompt)  # TRL's labels: the token where trained, -100 where not
         assert row["labels"][start : start + len(item_tokens)] == item_tokens  # the identifier is in TRL's loss
-        assert set(row["labels"][: len(prompt) - len(answer_prefix_ids(tokenizer))]) == {-100}  # the prompt is not
+        assert set(row["labels"][: len(prompt) - len(inputs.answer)]) == {-100}  # the prompt is not
     return inputs, prompts
 
 
@@ -187,7 +187,7 @@ def check_pretrained_run(run: Path, final: str, out: Path) -> None:
 
     model, tokenizer = load_model(run / final / "model")
     inputs, prompts = assert_training_text_is_the_decoding_prompt(model, tokenizer, data, out)
-    assert tokenizer.decode(answer_prefix_ids(tokenizer)) == THINK_BLOCK
+    assert tokenizer.decode(inputs.answer) == THINK_BLOCK
     assert tokenizer.decode(prompts[0]).endswith("<|im_start|>assistant\n" + THINK_BLOCK)
     assert tokenizer.convert_ids_to_tokens(inputs.trie.stop_token) == "<|im_end|>"
     if data.stats["identifier"] == "sid":  # codes are single added tokens, not BPE pieces
@@ -244,8 +244,8 @@ def test_our_template_adds_nothing_between_prompt_and_answer(tmp_path):
     texts = tokenizer_texts(data.dataset, data.catalog, with_titles=False)
     model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=16, layers=1, heads=1), data.identifiers,
                                              texts, seed=0)  # fmt: skip
-    assert answer_prefix_ids(tokenizer) == []
     inputs, _ = assert_training_text_is_the_decoding_prompt(model, tokenizer, data, tmp_path)
+    assert inputs.answer == []
     assert max(len(sequence) for sequence in inputs.trie.sequences) > 2  # titles of several tokens
 
 
