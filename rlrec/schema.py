@@ -363,10 +363,15 @@ class GuardConfig:
     patience: int = 4  # evaluations without a gain before stopping; 0 never stops early
     keep_best: bool = True  # save the best evaluated weights (the start included when at_start), not the last
     at_start: bool = True  # evaluate before the first step (the starting model competes for "best")
+    # the fraction of the planned steps before the first periodic evaluation: under a decaying schedule (cosine) the
+    # high-rate early epochs are never the best, so evaluating them only costs time. 0: from the first step on
+    start: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_steps, int) and self.eval_steps < 1:
             raise ConfigError("guard.eval_steps: a number of steps >= 1, or 'epoch'")
+        if not 0 <= self.start < 1:
+            raise ConfigError(f"guard.start: a fraction of the training steps in [0, 1), got {self.start}")
         if (self.users is not None and self.users < 1) or self.k < 1 or self.patience < 0:
             raise ConfigError("guard: users and k must be >= 1, patience >= 0")
 

@@ -171,6 +171,26 @@ def test_selection_keeps_the_best_weights_when_validation_falls(tmp_path):
     assert [row["guard/ndcg@10"] for row in logged if "guard/ndcg@10" in row] == [g["ndcg@10"] for g in curve]
 
 
+def test_selection_from_a_fraction_of_training_skips_the_early_epochs(tmp_path):
+    """`select.start: 0.5`: no evaluation before half of the planned steps, one after every later epoch, and the
+    saved model is the best of those."""
+    raw = tiny_pipeline(tmp_path, max_steps=-1)
+    raw["data"]["prompt"] = {"format": "sequence", "identifier": "id", "template": "History: {history}",
+                             "separator": " "}  # fmt: skip
+    raw["sft"].update(rows="sequence", select={"eval_steps": "epoch", "users": 60, "patience": 0, "at_start": False,
+                                               "start": 0.5})  # fmt: skip
+    raw["sft"]["model"] = {"architecture": "phi", "hidden_size": 32, "layers": 1, "heads": 2, "dropout": 0.1}
+    raw["sft"]["train"].update(epochs=4, scheduler="cosine", batch_size=16)
+    recipe = from_dict(Recipe, raw)
+    data_stage.run(recipe)
+    training = sft.run(recipe)["training"]
+    steps_per_epoch = training["global_step"] // 4
+    assert [g["step"] for g in training["guard"]] == [steps_per_epoch * e for e in (2, 3, 4)]
+    assert training["saved_step"] == max(training["guard"], key=lambda g: g["ndcg@10"])["step"]
+    with pytest.raises(ConfigError, match="guard.start"):
+        GuardConfig(start=1.0)
+
+
 def test_sequence_format_model_publishes_reloads_and_reproduces_its_metrics(tmp_path):
     """`rlrec.load` on a sequence-format model encodes histories as the stage did: the same test metrics."""
     import rlrec

@@ -3,10 +3,10 @@
 A naive RL stage made a converged SFT model worse on real data (docs/grpo.md: -34% valid NDCG@10 in 300 steps),
 preference optimisation can drift the same way, and an SFT model can overfit (on Scientific a hidden-64 model got
 worse from 12 to 24 epochs). So a stage evaluates NDCG@K on validation users (`GuardConfig`: the whole split or a
-seeded random sample) before training when `at_start`, every `eval_steps` steps or at the end of every epoch, keeps
-the best weights, stops after `patience` evaluations without a gain, and saves the best model: a post-training
-stage never returns a model worse on those users than the one it started from, and a longer SFT run never ends
-worse on them than a shorter one.
+seeded random sample) before training when `at_start`, every `eval_steps` steps or at the end of every epoch (from
+`start` of the planned steps on), keeps the best weights, stops after `patience` evaluations without a gain, and
+saves the best model: a post-training stage never returns a model worse on those users than the one it started
+from, and a longer SFT run never ends worse on them than a shorter one.
 
 Every process evaluates the same users (no communication, identical decisions, and ZeRO-3's sharded forward stays
 in step). The curve goes to `<stage>/guard.jsonl`, to the trainer's log (`train_log.jsonl`, TensorBoard) as
@@ -117,14 +117,18 @@ class Guard(TrainerCallback):
         elif self.config.at_start:
             self.evaluate(state.global_step, control)
 
+    def due(self, state) -> bool:
+        """Past `start` of the planned steps (periodic evaluations only; at_start and the last step always count)."""
+        return state.global_step >= self.config.start * state.max_steps
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.config.eval_steps != "epoch" and state.global_step % self.config.eval_steps == 0:
+        if self.config.eval_steps != "epoch" and state.global_step % self.config.eval_steps == 0 and self.due(state):
             self.evaluate(state.global_step, control)
         if control.should_save:  # transformers saves this step's checkpoint next: the guard's state goes in first
             self._save_state(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.config.eval_steps == "epoch":
+        if self.config.eval_steps == "epoch" and self.due(state):
             self.evaluate(state.global_step, control)
             if (Path(args.output_dir) / f"checkpoint-{state.global_step}").is_dir():  # saved at the epoch's last step
                 self._save_state(args, state)
