@@ -12,6 +12,7 @@ import torch
 from rlrec.config import load_config
 from rlrec.data.types import Catalog, Item
 from rlrec.errors import DataError, RlrecError
+from rlrec.items.build import quantize
 from rlrec.items.embed import item_texts
 from rlrec.items.index import (
     SemanticIndex,
@@ -24,7 +25,7 @@ from rlrec.items.quantize import balanced_assign, kmeans, rq_kmeans
 from rlrec.items.rqvae import train_rqvae
 from rlrec.items.tokens import add_code_tokens, check_round_trip, resize_model
 from rlrec.recipe import Recipe
-from rlrec.schema import RQVAEConfig
+from rlrec.schema import ItemsConfig, RQVAEConfig
 from tests.conftest import REPO, run_cli
 
 # ------------------------------------------------------------------ quantisers
@@ -187,6 +188,24 @@ def test_scientific_index_from_text_is_collision_free(scientific_items):
     assert stats["built_from"]["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert stats["utilisation"][0]["level"] == "a" and stats["utilisation"][0]["codes_used"] > 200
     assert stats["built_from"]["text_fallbacks"]["empty_attribute.brand"] == 12
+
+
+@pytest.mark.slow(reason="MiniLM embeds all 4,344 Scientific items (the scientific_items fixture): ~50 s")
+def test_rqvae_on_real_embeddings_gives_the_same_ids_from_the_same_seed(scientific_items):
+    """On two threads, RQ-VAE training over these embeddings gave different codes from one seed (10 epochs were
+    enough); the items stage quantises on one thread and hands the caller's thread count back."""
+    (cached,) = (scientific_items / "items/embeddings").glob("*.npy")
+    embeddings = np.load(cached)
+    config = ItemsConfig(quantizer="rqvae", codebook_sizes=[256, 256, 256], rqvae=RQVAEConfig(epochs=10))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = quantize(embeddings, config, seed=0), quantize(embeddings, config, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(first[0].codes, second[0].codes) and first[1] == second[1]
+    assert not np.array_equal(quantize(embeddings, config, seed=1)[0].codes, first[0].codes)
 
 
 @pytest.mark.slow(reason="MiniLM embeds all 4,344 Scientific items (the scientific_items fixture): ~50 s")
