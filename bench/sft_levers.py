@@ -7,9 +7,10 @@ SFT rows (label, the seeds' sft/metrics.json, the command). For every row the ta
 (mean ± sample std over seeds), their ratio to the baseline's mean measured on the same machine, the training
 seconds (wall, and CPU seconds of the stage process, comparable when jobs shared the cores), the training time
 relative to SASRec's (CPU seconds), and target items learned per CPU-second. The plot beside it draws each row's
-validation curve (the guard's NDCG@10 on all validation users after every epoch) against CPU seconds into
-training: rows compared at equal compute. Tables go between `<!-- table:levers_NAME -->` markers of the doc, plots
-to `docs/img/sft_levers_NAME.png`. Nothing is typed by hand: a row whose files are missing prints as missing.
+validation curve (the guard's NDCG@10 on its validation users, all or a seeded slice, after every epoch) against
+CPU seconds into training: rows compared at equal compute. Tables go between `<!-- table:levers_NAME -->` markers of
+the doc, plots to `docs/img/sft_levers_NAME.png`. Nothing is typed by hand: a row whose files are missing prints
+as missing.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def plot(title: str, curves: dict, out: Path) -> bool:
         points = [(g.get("cpu_seconds", g.get("seconds")), g["ndcg@10"]) for g in curve]
         ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
     ax.set_xlabel("CPU seconds into training")
-    ax.set_ylabel("valid NDCG@10 (all validation users)")
+    users = {g.get("users") for curve in curves.values() for g in curve}
+    who = f"{users.pop():,} validation users" if len(users) == 1 and None not in users else "validation users"
+    ax.set_ylabel(f"valid NDCG@10 ({who})")
     ax.legend(fontsize=8)
     fig.suptitle(textwrap.fill(title, 110), fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
