@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerControl
+from transformers import TrainerCallback, TrainerControl
 
 from rlrec.config import from_dict
 from rlrec.data.prepared import load_run_data
@@ -144,7 +144,20 @@ def test_guard_users_are_a_seeded_sample_of_the_whole_split(sequence_data):
     assert len(data.sample("valid", None, seed=0)) == len(order)
 
 
-def test_selection_keeps_the_best_weights_when_validation_falls(tmp_path):
+class ScrambleEmbeddings(TrainerCallback):
+    """From the end of epoch `start` on, replaces the input embeddings by noise before the guard evaluates them: a
+    validation curve that certainly falls (a too-high learning rate made it fall on some CPUs and not on others)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if round(state.epoch) >= self.start:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+
+
+def test_selection_keeps_the_best_weights_when_validation_falls(tmp_path, monkeypatch):
     """SFT with `select`: the guard evaluates each epoch; after a run whose validation fell, the saved model is the
     best epoch's (its score on the guard's users equals the best of the curve), not the last one's."""
     raw = tiny_pipeline(tmp_path, max_steps=-1)
@@ -152,10 +165,17 @@ def test_selection_keeps_the_best_weights_when_validation_falls(tmp_path):
                              "separator": " "}  # fmt: skip
     raw["sft"].update(rows="sequence", select={"eval_steps": "epoch", "users": 60, "patience": 0, "at_start": False})
     raw["sft"]["model"] = {"architecture": "phi", "hidden_size": 32, "layers": 1, "heads": 2, "dropout": 0.1}
-    # a learning rate far too high after the first epochs: validation rises, then falls
-    raw["sft"]["train"].update(epochs=6, learning_rate=0.3, scheduler="constant", batch_size=16)
+    raw["sft"]["train"].update(epochs=6, learning_rate=0.03, scheduler="constant", batch_size=16)
     recipe = from_dict(Recipe, raw)
     data_stage.run(recipe)
+
+    def guard_after_scrambling(*args, **kwargs):  # the stage's own guard, with the scrambler called before it
+        guard = make_guard(*args, **kwargs)
+        attach = guard.attach
+        guard.attach = lambda trainer: (trainer.add_callback(ScrambleEmbeddings(start=4)), attach(trainer))[1]
+        return guard
+
+    monkeypatch.setattr(sft, "make_guard", guard_after_scrambling)
     metrics = sft.run(recipe)
     training = metrics["training"]
     curve = training["guard"]
