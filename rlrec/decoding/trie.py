@@ -138,7 +138,9 @@ class ItemTrie:
         """Tokenise every item's identifier as the model sees it after the generation prompt. The item ends at the
         first special token the template puts after the content (`<eos>`, `<|im_end|>`, `<|eot_id|>`), which is
         the token generation stops on; a template that appends none gets the eos token."""
-        specials = set(tokenizer.all_special_ids) - {tokenizer.pad_token_id, tokenizer.unk_token_id}
+        # unk is excluded: a word-level tokenizer writes it inside an identifier's content. Padding is not: SmolLM2
+        # and many Llama-family tokenizers pad with their eos (`<|im_end|>`), the very token that ends an item.
+        specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
         item_ids, sequences, stops = list(identifiers), [], set()
         for item, ids in zip(item_ids, completion_token_ids(tokenizer, list(identifiers.values())), strict=True):
             cut = next((i for i, token in enumerate(ids) if token in specials), None)
