@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlrec.decoding import ItemTrie, TrieLogitsProcessor, items_from_generations, recommend, sample_items
+from rlrec.decoding import ItemTrie, beam, TrieLogitsProcessor, items_from_generations, recommend, sample_items
 from rlrec.decoding.beam import encode_prompts, left_pad
 from rlrec.decoding.regex import identifier_regex
 from rlrec.errors import RlrecError
@@ -22,10 +24,20 @@ PROMPTS = [
 ]
 
 
-def setup(identifiers: dict[str, str], seed: int = 0):
+def setup(identifiers: dict[str, str], seed: int = 0, kv_heads: int | None = None):
+    """Tokenizer, a tiny random Llama and the trie; `kv_heads` below the 4 attention heads: grouped-query attention
+    (SmolLM2: 9 heads over 3 KV heads, Qwen3 likewise)."""
     texts = [m["content"] for p in PROMPTS for m in p] + list(identifiers.values())
     tokenizer = build_tokenizer(texts)
-    model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, seed=seed)
+    if kv_heads is None:
+        model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, seed=seed)
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=kv_heads, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+        ))  # fmt: skip
     # Sharper logits than the default init so that ranks are not near-ties.
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0, 1.0)
@@ -45,16 +57,58 @@ def brute_force_logprobs(model, tokenizer, trie: ItemTrie, prompt) -> dict[str, 
     return out
 
 
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["multi-head", "grouped-query"])
 @pytest.mark.parametrize("identifiers", [SID, TITLES], ids=["semantic-ids", "titles-with-prefixes"])
-def test_exact_beam_equals_brute_force(identifiers):
+def test_exact_beam_equals_brute_force(identifiers, kv_heads):
     """With a beam as wide as the catalogue the search is exact: it must rank all items like teacher forcing."""
-    tokenizer, model, trie = setup(identifiers)
+    tokenizer, model, trie = setup(identifiers, kv_heads=kv_heads)
     recs = recommend(model, tokenizer, PROMPTS, k=len(identifiers), trie=trie, batch_size=2)
     for prompt, rec in zip(PROMPTS, recs, strict=True):
         truth = brute_force_logprobs(model, tokenizer, trie, prompt)
         assert [item for item, _ in rec] == sorted(truth, key=truth.get, reverse=True)
         for item, score in rec:
             assert score == pytest.approx(truth[item], abs=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["multi-head", "grouped-query"])
+@pytest.mark.parametrize("identifiers", [SID, TITLES], ids=["semantic-ids", "titles-with-prefixes"])
+def test_shared_prompt_steps_equal_repeated_prompt_steps(identifiers, kv_heads, monkeypatch):
+    """The beam search's steps attend to each prompt's cache stored once and feed only the beams still inside an
+    item; a model that cannot take that attention repeats the prompt's cache to every beam and feeds every beam.
+    Both give the same items and scores, for prompts of different lengths (left padding) and identifiers of
+    different lengths (beams finish at different steps)."""
+    tokenizer, model, trie = setup(identifiers, kv_heads=kv_heads)
+    used: list[bool] = []
+    shared = beam.shared_prompt_attention
+
+    @contextlib.contextmanager
+    def recorded(*args, **kwargs):
+        with shared(*args, **kwargs) as feed:
+            used.append(feed is not None)
+            yield feed
+
+    @contextlib.contextmanager
+    def unavailable(*args, **kwargs):
+        yield None
+
+    monkeypatch.setattr(beam, "shared_prompt_attention", recorded)
+    fast = recommend(model, tokenizer, PROMPTS, k=3, trie=trie, beam_width=4, batch_size=3)
+    assert used == [True] and model.config._attn_implementation == "sdpa"  # switched back after the search
+    monkeypatch.setattr(beam, "shared_prompt_attention", unavailable)
+    repeated = recommend(model, tokenizer, PROMPTS, k=3, trie=trie, beam_width=4, batch_size=3)
+    for a, b in zip(fast, repeated, strict=True):
+        assert [item for item, _ in a] == [item for item, _ in b]
+        assert [score for _, score in a] == pytest.approx([score for _, score in b], abs=1e-5)
+
+
+def test_items_end_at_eos_when_the_tokenizer_pads_with_it():
+    """SmolLM2 and many Llama-family tokenizers pad with their eos (`<|im_end|>`): the trie still ends every item
+    at that token (it used to skip the padding token and fail with "must end with the stop token")."""
+    tokenizer, _, _ = setup(TITLES)
+    tokenizer.pad_token = tokenizer.eos_token
+    trie = ItemTrie.build(tokenizer, TITLES)
+    assert trie.stop_token == tokenizer.eos_token_id
+    assert all(s[-1] == trie.stop_token and trie.stop_token not in s[:-1] for s in trie.sequences)
 
 
 def test_narrow_beam_returns_distinct_catalogue_items_and_agrees_with_generate():
