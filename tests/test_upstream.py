@@ -14,7 +14,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from transformers import TrainingArguments
+from transformers import DynamicCache, TrainingArguments
 from transformers.integrations.integration_utils import TensorBoardCallback
 from trl.trainer.utils import add_fused_lm_head
 
@@ -27,6 +27,7 @@ from rlrec.upstream import (
     log_metric,
     preference_trainer,
     reorder_generated_cache,
+    shared_prompt_attention,
     tensorboard_dir,
     unfuse_lm_head,
     unwrap_peft,
@@ -207,6 +208,36 @@ def test_partial_cache_reorder_equals_the_full_one():
     reorder_generated_cache(partial, parents, generated=2)
     for a, b in zip(full.layers, partial.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_shared_prompt_attention_equals_attention_over_the_repeated_prompt():
+    """`shared_prompt_attention` relies on transformers calling a registered attention function per layer with
+    `module.layer_idx`, and on DynamicCache's `layers[i].keys`. One step of two beams on a left-padded prompt: the
+    logits equal those of the same step over the prompt's cache repeated to both beams; the model's attention
+    implementation is restored afterwards; a cache without per-layer keys is declined (None)."""
+    model, tokenizer, _ = tiny_model()
+    model.eval()
+    assert type(model)._can_set_attn_implementation(), "transformers no longer dispatches Llama's attention"
+    prompt = torch.randint(3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # the second prompt is shorter: left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = torch.randint(3, len(tokenizer), (4, 1), generator=torch.Generator().manual_seed(2))
+    next_position = positions[:, -1:].repeat_interleave(2, dim=0) + 1
+    with torch.no_grad():
+        cache = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        repeated = copy.deepcopy(cache)
+        repeated.batch_repeat_interleave(2)
+        expected = model(input_ids=step, attention_mask=torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 1,
+                         dtype=mask.dtype)], 1), position_ids=next_position, past_key_values=repeated).logits
+        with shared_prompt_attention(model, cache, mask, width=2) as feed:
+            assert feed is not None and model.config._attn_implementation == "rlrec_shared_prompt"
+            feed(torch.arange(4))
+            got = model(input_ids=step, position_ids=next_position, past_key_values=DynamicCache()).logits
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.allclose(got, expected, atol=1e-5)
+    with shared_prompt_attention(model, object(), mask, width=2) as feed:
+        assert feed is None
 
 
 def test_tensorboard_folder_is_read_from_the_environment_per_trainer(tmp_path, monkeypatch):
