@@ -53,6 +53,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str | Handler]] = {
     ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", "data"),
     ("baseline", "most_popular"): ("score the most-popular baseline on the run's split", "most_popular"),
     ("baseline", "sasrec"): ("train SASRec with early stopping on valid NDCG@10, then score it", "sasrec"),
+    ("baseline", "zero_shot"): ("score the pretrained model of sft.model before any training", "zero_shot"),
     ("sft",): ("supervised fine-tuning (LoRA or full) on history -> next item, then evaluation", "sft"),
     ("grpo",): ("GRPO from the SFT model with verifiable ranking rewards and trie-constrained rollouts", "grpo"),
     ("dpo",): ("DPO or multi-negative S-DPO from the SFT model, with mined hard negatives", "dpo"),

@@ -11,6 +11,7 @@ Beyond accuracy, over all users' top-K lists:
     long-tail share@K = share of recommended items outside the head (the most popular 20% of items by train count)
     invalid rate      = share of list entries that are not catalogue items (0 under constraint, reported anyway)
     duplicate rate    = share of list entries repeating an earlier entry of the same list
+Slices (rlrec.evaluate): cold_hr@K / cold_ndcg@K over the users whose target has <= COLD_MAX_COUNT train counts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
+# The cold-item slice: users whose target has at most this many training interactions. Collaborative signal is
+# weakest there, so knowledge from outside the logs (a pretrained language model's, item text) has most to add.
+COLD_MAX_COUNT = 5
 
 
 def rank_of(target: str, ranked: Sequence[str]) -> int | None:

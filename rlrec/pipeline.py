@@ -35,6 +35,7 @@ import psutil
 
 from rlrec.config import dump_config, to_dict
 from rlrec.errors import ConfigError, RlrecError, Stopped
+from rlrec.metrics import COLD_MAX_COUNT
 from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe
 
 KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
@@ -196,8 +197,8 @@ def summary_table(recipe: Recipe, stages: list[str]) -> str:
         f"Run `{recipe.name}`, test split, protocol: {protocol.get('split_method', '?')}, "
         f"{protocol.get('candidates', 'full catalogue')} ({protocol.get('num_items', '?')} items).",
         "",
-        "| stage | HR@10 | NDCG@10 | valid rate | wall time |",
-        "|---|---|---|---|---|",
+        "| stage | HR@10 | NDCG@10 | cold NDCG@10 | valid rate | wall time |",
+        "|---|---|---|---|---|---|",
     ]
     for stage, metrics, _ in rows:
         valid = metrics.get("valid_rate")
@@ -205,5 +206,9 @@ def summary_table(recipe: Recipe, stages: list[str]) -> str:
         seconds = json.loads(manifest.read_text()).get("pipeline_wall_time_s") if manifest.is_file() else None
         valid_text = "-" if valid is None else f"{valid:.3f}"
         wall_text = "-" if seconds is None else f"{seconds:.0f} s"
-        lines.append(f"| {stage} | {metrics['hr@10']:.4f} | {metrics['ndcg@10']:.4f} | {valid_text} | {wall_text} |")
+        cold = metrics.get("cold_ndcg@10")
+        cold_text = "-" if cold is None else f"{cold:.4f} ({metrics['cold_users']})"
+        lines.append(f"| {stage} | {metrics['hr@10']:.4f} | {metrics['ndcg@10']:.4f} | {cold_text} | {valid_text} "
+                     f"| {wall_text} |")  # fmt: skip
+    lines.append(f"\nCold: users whose test item has at most {COLD_MAX_COUNT} training interactions (their count).")
     return "\n".join(lines) + "\n"

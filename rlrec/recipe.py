@@ -8,7 +8,7 @@ reads the run fields and its own section, so one file can drive one stage or the
     seed: 0
     data: {source: ..., split: ..., prompt: ...}
     items: {quantizer: rqkmeans, codebook_sizes: [256, 256, 256], ...}   # semantic IDs (optional)
-    sasrec: {...}  sft: {...}  grpo: {...}  dpo: {...}  eval: {...}  pipeline: {accelerate_config: ...}
+    sasrec: {...}  sft: {...}  grpo: {...}  dpo: {...}  zero_shot: {...}  eval: {...}  pipeline: {...}
 
 `STAGES` is the single stage order: the pipeline runs it, the CLI and `rlrec eval` look stages up in it. A stage is
 a module `rlrec.stages.<name>` with `run(recipe) -> dict` writing `runs/<name>/<stage>/` (docs/architecture.md).
@@ -22,7 +22,16 @@ from typing import Literal
 
 from rlrec.config import to_dict
 from rlrec.errors import ConfigError
-from rlrec.schema import DataConfig, DPOConfig, EvalConfig, GRPOConfig, ItemsConfig, SASRecConfig, SFTConfig
+from rlrec.schema import (
+    DataConfig,
+    DPOConfig,
+    EvalConfig,
+    GRPOConfig,
+    ItemsConfig,
+    SASRecConfig,
+    SFTConfig,
+    ZeroShotConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -44,12 +53,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", reads=("sft", "eval"), optional=True, launched=True, policy=True),
     Stage("grpo", reads=("grpo", "eval"), optional=True, launched=True, policy=True),
     Stage("dpo", reads=("dpo", "eval"), optional=True, launched=True, policy=True),
+    # after the training stages: a change to its own section reruns nothing else (the keys are chained)
+    Stage("zero_shot", reads=("sft", "zero_shot", "eval"), optional=True),
     Stage("eval", reads=("eval",)),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 ORDER: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 POLICY_STAGES: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.policy)
-StageName = Literal["items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "eval"]
+StageName = Literal["items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "zero_shot", "eval"]
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Recipe:
     sft: SFTConfig | None = None
     grpo: GRPOConfig | None = None
     dpo: DPOConfig | None = None
+    zero_shot: ZeroShotConfig | None = None
     eval: EvalConfig | None = None
     pipeline: PipelineConfig | None = None
 

@@ -11,6 +11,7 @@ This module imports nothing heavier than the standard library: the command line 
     data:      DataConfig      (source: SourceConfig, split: SplitConfig, prompt: PromptConfig)
     items:     ItemsConfig     (rqvae: RQVAEConfig)
     sasrec:    SASRecConfig
+    zero_shot: ZeroShotConfig  (the untrained pretrained model of sft.model, scored like a trained stage)
     sft:       SFTConfig       (model: ModelConfig, lora: LoraConfig, tasks: TasksConfig, train: TrainConfig)
     grpo:      GRPOConfig      (the PostTrainConfig fields: lora, train, guard: GuardConfig, ...)
     dpo:       DPOConfig       (the PostTrainConfig fields, negatives: NegativesConfig)
@@ -220,6 +221,11 @@ class EvalConfig:
     beam_width: int | None = None  # default: max(ks)
     batch_size: int = 16
     exclude_history: bool = False
+    # a seeded random sample of this many users of each evaluated split, the same users for every system of the run
+    # (the training stages' evaluations, `rlrec eval`, the baselines), so that every row of its table stays paired:
+    # what a CPU-sized run of a large model can afford. None: every user. Recorded in each metrics.json protocol.
+    users: int | None = None
+    seed: int = 0  # which users `users` samples
     max_users: int | None = None  # evaluate the first N rows only (quick checks; recorded in metrics.json)
     model: str | None = None  # a model or adapter folder; default: the run's latest trained stage
     baselines: list[Literal["most_popular", "sasrec"]] = field(default_factory=lambda: ["most_popular"])
@@ -227,6 +233,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
             raise ConfigError("eval.ks must be positive integers")
+        if self.users is not None and self.users < 1:
+            raise ConfigError(f"eval.users must be >= 1 (or null for every user), got {self.users}")
         if self.beam_width is not None and self.beam_width < max(self.ks):
             raise ConfigError(f"eval.beam_width ({self.beam_width}) must be >= max(ks) ({max(self.ks)})")
 
@@ -258,6 +266,14 @@ class SASRecConfig:
             raise ConfigError("sasrec: max_len, max_epochs, patience and negatives must be >= 1")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError("sasrec.time_budget_s must be > 0 (or null for no budget)")
+
+
+@dataclass
+class ZeroShotConfig:
+    """The pretrained model of `sft.model`, untrained, scored like every trained stage (rlrec.stages.zero_shot)."""
+
+    eval_splits: list[Literal["valid", "test"]] = field(default_factory=lambda: ["test"])
+    eval_max_users: int | None = None  # evaluate the first N users of each split (None: all)
 
 
 # --- training, shared by sft, grpo and dpo ---------------------------------------------------------------------------
@@ -405,6 +421,9 @@ class SFTConfig:
     # `min_history` items before it in the user's sequence: SASRec's signal per token (rlrec.stages.sft_rows)
     rows: Literal["target", "sequence"] = "target"
     min_history: int = 1
+    # each user's N most recent rows only (target rows: the N latest targets; sequence rows: the N latest windows):
+    # the newest transitions, when a large model cannot afford every row of a long history. None: every row
+    rows_per_user: int | None = None
     select: GuardConfig | None = None  # validation-based selection (best weights, early stop); None: last weights
     # leave each user's most recent training target out of SFT, so that RL on those rows (`grpo.train_rows: last`,
     # `dpo.train_rows: last`) learns from targets the model has not fitted yet ("fresh targets")
@@ -417,6 +436,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.min_history < 1:
             raise ConfigError("sft.min_history must be >= 1 (an item needs a history to be predicted from)")
+        if self.rows_per_user is not None and self.rows_per_user < 1:
+            raise ConfigError(f"sft.rows_per_user must be >= 1 (or null for every row), got {self.rows_per_user}")
 
     def resolved_finetune(self) -> str:
         if self.finetune == "auto":

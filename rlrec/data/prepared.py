@@ -87,10 +87,12 @@ def training_sequences(data: RunData, split: str = "train", with_users: bool = F
     return list(sequences.items()) if with_users else list(sequences.values())
 
 
-def last_rows(rows: Dataset) -> list[int]:
-    """Indices of each user's most recent row of a split (rows are in time order per user)."""
-    last = {user: i for i, user in enumerate(rows["user"])}
-    return sorted(last.values())
+def last_rows(rows: Dataset, per_user: int = 1) -> list[int]:
+    """Indices of each user's `per_user` most recent rows of a split (rows are in time order per user)."""
+    recent: dict[str, list[int]] = {}
+    for i, user in enumerate(rows["user"]):
+        recent.setdefault(user, []).append(i)
+    return sorted(i for indices in recent.values() for i in indices[-per_user:])
 
 
 def without_last_rows(rows: Dataset) -> Dataset:

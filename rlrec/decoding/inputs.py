@@ -12,8 +12,8 @@ Two prompt formats (`data.prompt.format`):
       <|user|>History: <a_1><b_4><c_9> <a_7><b_2><c_5><|assistant|> [<a_3><b_3><c_1><eos>]
 
 - `sequence`: the user turn holds the template without the history, and the history itself is the assistant
-  turn: each item is its identifier's tokens, back to back (then the separator's own tokens, when it has any
-  beyond whitespace). The next item is the continuation, so one row can train every item of a user's sequence
+  turn: each item is its identifier's tokens, back to back, then the separator's own tokens (its visible part;
+  a whitespace separator's token, such as a BPE tokenizer's newline; none for a word-level tokenizer). The next item is the continuation, so one row can train every item of a user's sequence
   at once (SASRec's signal per token, `sft.rows: sequence`), and its prefix is exactly the prompt that predicts
   each item. Item tokens must be prefix-free (no stop token follows an item): semantic IDs and one-token ids are.
 
@@ -43,8 +43,11 @@ class ModelInputs:
         answer = answer_prefix_ids(tokenizer)
         if prompt.format == "chat":
             return cls("chat", ItemTrie.build(tokenizer, identifiers), answer)
-        separator = prompt.separator.strip()
-        tail = tokenizer.encode(separator, add_special_tokens=False) if separator else []
+        # the separator's own tokens: its visible part (", " -> ","), or, for a whitespace separator, whatever the
+        # tokenizer makes of it: a newline is a token of BPE tokenizers (it then ends every title, as a stop token
+        # would), nothing for a word-level one
+        separator = prompt.separator.strip() or prompt.separator
+        tail = tokenizer.encode(separator, add_special_tokens=False)
         blocks = {item: tokenizer.encode(text, add_special_tokens=False) + tail for item, text in identifiers.items()}
         trie = ItemTrie.from_sequences(list(blocks), list(blocks.values()), stop_token=None)
         header = prompt.template.replace("{history}", "").strip()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlrec.data.prepared import load_run_data
-from rlrec.evaluate import evaluate_generative, write_report
+from rlrec.evaluate import eval_rows, evaluate_generative, write_report
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.schema import EvalConfig
@@ -24,7 +24,7 @@ def run(recipe: Recipe) -> dict:
     config = recipe.eval or EvalConfig()
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    rows = data.rows(config.split, config.max_users)
+    rows = eval_rows(data, config.split, config, config.max_users)
     results = {}
     model_path = Path(config.model) if config.model else recipe.latest_model()
     if model_path is not None:
@@ -38,7 +38,7 @@ def run(recipe: Recipe) -> dict:
             results[BASELINE_NAMES[name]] = most_popular.evaluate(data, config, rows)
         else:
             results[BASELINE_NAMES[name]] = sasrec.evaluate(recipe, data, config, rows)
-    write_report(recipe.stage_dir("eval"), results, data, config, {"num_users": len(rows)})
+    write_report(recipe.stage_dir("eval"), results, data, config, rows)
     write_outputs(recipe, "eval", [data.path / "dataset"], timer)
     return results
 

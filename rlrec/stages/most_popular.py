@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rlrec.baselines import most_popular_lists
 from rlrec.data.prepared import RunData, load_run_data
-from rlrec.evaluate import score_lists, write_report
+from rlrec.evaluate import eval_rows, score_lists, target_ranks, write_report
 from rlrec.recipe import Recipe
 from rlrec.schema import EvalConfig
 from rlrec.stages.runner import Timer, write_outputs
@@ -17,16 +17,16 @@ def evaluate(data: RunData, config: EvalConfig, rows) -> dict:
     """Score most-popular on `rows` (under `exclude_history`, each user's history is left out of their list)."""
     exclude = rows["history"] if config.exclude_history else None
     lists = most_popular_lists(data, len(rows), max(config.ks), exclude)
-    return {"metrics": score_lists(lists, rows["target"], data, config.ks)}
+    return {"metrics": score_lists(lists, rows["target"], data, config.ks), "ranks": target_ranks(lists, rows["target"])}
 
 
 def run(recipe: Recipe) -> dict:
     config = recipe.eval or EvalConfig()
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    rows = data.rows(config.split, config.max_users)
+    rows = eval_rows(data, config.split, config, config.max_users)
     result = evaluate(data, config, rows)
-    write_report(recipe.stage_dir("most_popular"), {"most-popular": result}, data, config, {"num_users": len(rows)})
+    write_report(recipe.stage_dir("most_popular"), {"most-popular": result}, data, config, rows)
     write_outputs(recipe, "most_popular", [data.path / "dataset"], timer)
     return result
 

@@ -26,7 +26,7 @@ import torch
 from rlrec.config import dump_config, load_config
 from rlrec.data.prepared import RunData
 from rlrec.errors import RlrecError, run_reporting_errors
-from rlrec.evaluate import evaluate_generative
+from rlrec.evaluate import eval_rows, evaluate_generative, sample_protocol, write_ranks
 from rlrec.manifest import write_manifest
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
@@ -91,16 +91,26 @@ def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict
 
 def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Iterable[str],
            max_users: int | None, timer: Timer) -> dict:  # fmt: skip
-    """Evaluate the stage's saved model on `splits` (first `max_users` rows of each) and write the stage's files."""
-    eval_config, splits = recipe.eval or EvalConfig(), list(splits)
+    """Evaluate the stage's saved model on `splits` (the run's evaluation users, `eval_rows`; the first `max_users`
+    of them) and write the stage's files."""
     model, tokenizer = load_model(recipe.stage_dir(stage) / "model")
+    return evaluate_stage(recipe, stage, model, tokenizer, data, summary, splits, max_users, timer)
+
+
+def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, summary: dict, splits: Iterable[str],
+                   max_users: int | None, timer: Timer) -> dict:  # fmt: skip
+    """Score `model` on `splits` and write `<stage>/metrics.json`, `ranks.json`, config.yaml and manifest.json."""
+    eval_config, splits = recipe.eval or EvalConfig(), list(splits)
     # the same protocol fields as the baselines' reports (bench/results.py refuses to mix protocols)
     protocol = {**data.protocol, "split": ",".join(splits), "exclude_history": eval_config.exclude_history,
-                "beam_width": eval_config.beam_width, "ks": list(eval_config.ks)}  # fmt: skip
-    metrics = {"protocol": protocol, "training": summary}
+                "beam_width": eval_config.beam_width, "ks": list(eval_config.ks), **sample_protocol(eval_config)}
+    metrics, ranks = {"protocol": protocol, "training": summary}, {}
     for split in splits:
-        rows = data.rows(split, max_users)
-        metrics[split] = {**evaluate_generative(model, tokenizer, data, eval_config, rows), "num_users": len(rows)}
+        rows = eval_rows(data, split, eval_config, max_users)
+        result = evaluate_generative(model, tokenizer, data, eval_config, rows)
+        ranks[split] = (rows, {stage: result.pop("ranks")})
+        metrics[split] = {**result, "num_users": len(rows)}
+    write_ranks(recipe.stage_dir(stage), ranks)
     write_outputs(recipe, stage, [data.path / "dataset"], timer, metrics)
     return metrics
 

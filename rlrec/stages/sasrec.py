@@ -20,7 +20,7 @@ import torch
 from rlrec.baselines import load_sasrec, sasrec_lists, save_sasrec, train_sasrec
 from rlrec.data.prepared import RunData, load_run_data
 from rlrec.errors import ConfigError
-from rlrec.evaluate import score_lists, write_report
+from rlrec.evaluate import eval_rows, score_lists, target_ranks, write_report
 from rlrec.recipe import Recipe, stage_inputs
 from rlrec.schema import EvalConfig, SASRecConfig
 from rlrec.stages.most_popular import baseline_report
@@ -36,7 +36,7 @@ def evaluate(recipe: Recipe, data: RunData, config: EvalConfig, rows) -> dict:
     """Score the run's trained SASRec on `rows`."""
     model = load_sasrec(recipe.stage_dir("sasrec"), recipe.sasrec or SASRecConfig())
     lists = sasrec_lists(model, data, rows, max(config.ks), config.exclude_history)
-    return {"metrics": score_lists(lists, rows["target"], data, config.ks)}
+    return {"metrics": score_lists(lists, rows["target"], data, config.ks), "ranks": target_ranks(lists, rows["target"])}
 
 
 def run(recipe: Recipe) -> dict:
@@ -62,10 +62,9 @@ def run(recipe: Recipe) -> dict:
                                       state=state, save_state=save_state)  # fmt: skip
     save_sasrec(model, out)
     (out / CHECKPOINT).unlink(missing_ok=True)
-    rows = data.rows(config.split, config.max_users)
-    lists = sasrec_lists(model, data, rows, max(config.ks), config.exclude_history)
-    result = {"metrics": score_lists(lists, rows["target"], data, config.ks), "training": summary}
-    write_report(out, {"sasrec": result}, data, config, {"num_users": len(rows)})
+    rows = eval_rows(data, config.split, config, config.max_users)
+    result = {**evaluate(recipe, data, config, rows), "training": summary}
+    write_report(out, {"sasrec": result}, data, config, rows)
     write_outputs(recipe, "sasrec", [data.path / "dataset"], timer)
     return result
 

@@ -20,7 +20,7 @@ import sys
 import trl
 from datasets import Dataset
 
-from rlrec.data.prepared import RunData, load_run_data, without_last_rows
+from rlrec.data.prepared import RunData, last_rows, load_run_data, without_last_rows
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import ConfigError
 from rlrec.evaluate import check_ks
@@ -141,12 +141,14 @@ def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dat
         weights = {"next_item": config.tasks.next_item, "title_to_sid": config.tasks.title_to_sid,
                    "sid_to_title": config.tasks.sid_to_title}  # fmt: skip
         train = without_last_rows(data.rows("train")) if config.hold_out_last else data.rows("train")
+        if config.rows_per_user is not None:
+            train = train.select(last_rows(train, config.rows_per_user))
         return mix_tasks(train, data.catalog, weights, seed)
     inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     if config.rows == "sequence":
-        rows = sequence_rows(data, inputs, config.min_history, config.hold_out_last)
+        rows = sequence_rows(data, inputs, config.min_history, config.hold_out_last, config.rows_per_user)
     else:
-        rows = target_rows(data, inputs, config.hold_out_last)
+        rows = target_rows(data, inputs, config.hold_out_last, config.rows_per_user)
     return rows.shuffle(seed=seed)
 
 

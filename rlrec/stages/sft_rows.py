@@ -13,19 +13,22 @@ stage's targets per second) and `user`, both dropped before training.
 
 Only training items are ever in a row: the sequences are rebuilt from the train split (`training_sequences`:
 items[:-2] under leave-one-out), never from the valid or test positions. With `hold_out_last` each user's last
-training item is left out too (`sft.hold_out_last`): fresh targets for RL (`grpo.train_rows: last`).
+training item is left out too (`sft.hold_out_last`): fresh targets for RL (`grpo.train_rows: last`). With
+`per_user` (`sft.rows_per_user`) only each user's latest rows are made: the last targets, or the last windows.
 """
 
 from __future__ import annotations
 
 from datasets import Dataset
 
-from rlrec.data.prepared import RunData, training_sequences, window_bounds, without_last_rows
+from rlrec.data.prepared import RunData, last_rows, training_sequences, window_bounds, without_last_rows
 from rlrec.decoding.inputs import ModelInputs
 
 
-def target_rows(data: RunData, inputs: ModelInputs, hold_out_last: bool = False) -> Dataset:
+def target_rows(data: RunData, inputs: ModelInputs, hold_out_last: bool = False, per_user: int | None = None) -> Dataset:
     train = without_last_rows(data.rows("train")) if hold_out_last else data.rows("train")
+    if per_user is not None:
+        train = train.select(last_rows(train, per_user))
     ids, masks = [], []
     for history, target in zip(train["history"], train["target"], strict=True):
         prompt, answer = inputs.history_ids(history), inputs.blocks[target]
@@ -35,12 +38,13 @@ def target_rows(data: RunData, inputs: ModelInputs, hold_out_last: bool = False)
                               "user": list(train["user"])})  # fmt: skip
 
 
-def sequence_rows(data: RunData, inputs: ModelInputs, min_history: int, hold_out_last: bool = False) -> Dataset:
+def sequence_rows(data: RunData, inputs: ModelInputs, min_history: int, hold_out_last: bool = False,
+                  per_user: int | None = None) -> Dataset:  # fmt: skip
     size = data.stats["max_history"] + 1
     ids, masks, targets, users = [], [], [], []
     for user, sequence in training_sequences(data, with_users=True):
         sequence = sequence[:-1] if hold_out_last else sequence
-        for start, end in window_bounds(len(sequence), size):
+        for start, end in window_bounds(len(sequence), size)[:per_user]:  # newest first
             row, mask, learned = list(inputs.prefix), [0] * len(inputs.prefix), 0
             for index in range(start, end):
                 block = inputs.blocks[sequence[index]]
