@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -124,17 +126,88 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = CHAT_TEMPLATE
 
 
+GGUF_SOURCE = "rlrec_gguf.json"  # in a converted folder: the GGUF file it came from and its SHA-256
+
+
+def cache_root() -> Path:
+    """Where rlrec keeps what it derives once per machine (converted GGUF models): `$RLREC_CACHE`, else
+    `$XDG_CACHE_HOME/rlrec`, else `~/.cache/rlrec`."""
+    if os.environ.get("RLREC_CACHE"):
+        return Path(os.environ["RLREC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlrec"
+
+
+def model_folder(path: str) -> str:
+    """A model as users have it -> what `from_pretrained` reads. A folder or hub id is returned as it is. A `.gguf`
+    file (llama.cpp's format, in which many small models ship; SmolLM2-135M-Instruct in ../shared/models) is
+    dequantised once into an ordinary folder under `cache_root()/gguf/`, keyed by the file's SHA-256, and that
+    folder is reused afterwards: a 135M model's GGUF takes ~25 s to read, the folder about 1 s."""
+    if not path.endswith(".gguf"):
+        return path
+    from rlrec.manifest import hash_path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RlrecError(f"model path not found: {path}")
+    digest = hash_path(file)
+    folder = cache_root() / "gguf" / f"{file.stem}-{digest[:16]}"
+    if not (folder / GGUF_SOURCE).is_file():
+        convert_gguf(file, folder, digest)
+    return str(folder)
+
+
+def convert_gguf(file: Path, folder: Path, digest: str) -> None:
+    """Read a GGUF file with transformers' own reader (it dequantises to float32), rebuild the model as its plain
+    class (transformers refuses to save a GGUF-loaded model), and save it with its tokenizer and chat template.
+    Written into a temporary sibling and renamed when complete: a killed conversion leaves no half folder, and two
+    processes converting at once both end with the same complete folder."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"rlrec: converting {file} to a model folder in {folder} (once per file)", file=sys.stderr, flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    except ImportError as err:
+        raise RlrecError(f"reading {file} needs the `gguf` package ({err}); install rlrec[gguf]") from None
+    except (OSError, ValueError) as err:
+        raise RlrecError(f"cannot read {file} as a GGUF model: {err}") from None
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights below are plain float32 tensors
+    config.name_or_path = str(file)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        plain.save_pretrained(work)  # float32: exactly the dequantised weights (the GGUF blocks are not bf16-exact)
+        tokenizer.save_pretrained(work)
+        (work / GGUF_SOURCE).write_text(json.dumps({"gguf": str(file.resolve()), "sha256": digest}) + "\n")
+        os.replace(work, folder)
+    except OSError:
+        if not (folder / GGUF_SOURCE).is_file():  # not another process's complete folder: a real failure
+            raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+
+
 def _load_pretrained(path: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (os.path.sep in path or path.startswith(".")) and not os.path.exists(path):
         raise RlrecError(f"model path not found: {path}")
     torch_dtype = "auto" if dtype == "auto" else getattr(__import__("torch"), dtype)
+    folder = model_folder(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except OSError as err:
         raise RlrecError(f"cannot load model {path!r}: {err}") from None
+    model.name_or_path = model.config.name_or_path = path  # what an adapter names as its base: the user's path
     return model, tokenizer
 
 
@@ -183,7 +256,7 @@ def load_model(path: str | Path, device: str | None = None, trainable: bool = Fa
         base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
         # a from-scratch base: inside a published folder, or beside the adapter in runs/<name>/<stage>/
         local = [p for p in (path / BASE_MODEL_DIR, path.parent / BASE_MODEL_DIR) if p.is_dir()]
-        base = AutoModelForCausalLM.from_pretrained(str(local[0]) if local else base_name)
+        base = AutoModelForCausalLM.from_pretrained(str(local[0]) if local else model_folder(base_name))
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)

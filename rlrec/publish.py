@@ -25,6 +25,7 @@ import yaml
 
 from rlrec.config import load_config
 from rlrec.errors import RlrecError
+from rlrec.manifest import hash_path
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe
 from rlrec.recommender import META_DIR
@@ -69,13 +70,18 @@ def export(stage_dir: str | Path, out: str | Path, repo_id: str) -> Path:
     return out
 
 
-def _base_model(out: Path) -> str | None:
-    """The Hub id of the pretrained base (the card's `base_model`); None for a from-scratch model."""
+def _base_model(out: Path) -> tuple[str | None, str | None]:
+    """(the Hub id of the pretrained base, for the card's `base_model`; how the card names the base): (None, None)
+    for a from-scratch base (in `base_model/`); a local folder or GGUF file is named, not copied, in the card."""
     adapter = out / "adapter_config.json"
     if not adapter.is_file() or (out / BASE_MODEL_DIR).is_dir():
-        return None
+        return None, None
     name = json.loads(adapter.read_text())["base_model_name_or_path"]
-    return name if name.count("/") == 1 and not Path(name).exists() else None
+    if name.count("/") == 1 and not Path(name).exists():
+        return name, name
+    if name.endswith(".gguf") and Path(name).is_file():
+        return None, f"`{Path(name).name}` (GGUF, sha256 {hash_path(name)[:16]}...; not included)"
+    return None, f"`{name}` (a local model, not included)"
 
 
 def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
@@ -91,7 +97,7 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
     dataset_name = Path(source.path or source.format).name
     protocol_name = f"{protocol.get('split_method', '?')}, full catalogue of {protocol.get('num_items', '?')} items"
 
-    base = _base_model(out)
+    base, base_text = _base_model(out)
     metadata: dict = {"base_model": base} if base else {}
     metadata.update(library_name="peft" if adapter else "transformers",
                     tags=["rlrec", "recommendation", "generative-recommendation", stage,
@@ -127,7 +133,7 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
                       f"{training.get('saved_step', '?')} of the last round by the validation guard)")  # fmt: skip
     model_text = "full model"
     if adapter:
-        model_text = "LoRA adapter on " + (base or "a from-scratch base model (in `base_model/`)")
+        model_text = "LoRA adapter on " + (base_text or "a from-scratch base model (in `base_model/`)")
     if training.get("trainable_parameters"):
         model_text += f", {training['trainable_parameters']:,} trained parameters"
     split = data.split
