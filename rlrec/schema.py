@@ -474,7 +474,7 @@ class GRPOConfig(PostTrainConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     beta: float = 0.0  # KL coefficient to the init policy (0: no reference model)
     epsilon: float = 0.2  # PPO-style clip
-    prompts_per_device: int = 8  # prompts per step per process; completions = prompts x G
+    prompts_per_device: int = 8  # prompts per step per process; completions = prompts x G, in train.grad_accum parts
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -490,6 +490,12 @@ class GRPOConfig(PostTrainConfig):
                 raise ConfigError(f"grpo.rewards {sorted(ranked)} need beam ranks; use grpo.rollout: beam")
         if self.temperature <= 0 or self.prompts_per_device < 1:
             raise ConfigError("grpo: temperature > 0 and prompts_per_device >= 1 are required")
+        completions = self.prompts_per_device * self.num_generations
+        if completions % self.train.grad_accum:
+            raise ConfigError(
+                f"grpo.train.grad_accum ({self.train.grad_accum}) must divide the {completions} "
+                "completions of a step (prompts_per_device x num_generations), its micro-batches"
+            )
 
 
 @dataclass

@@ -63,6 +63,12 @@ def logit_scale(config) -> float:
     return 1.0
 
 
+# Labelled positions scored per chunk by the plain head: each chunk's [positions, vocabulary] logits live only inside
+# its own forward (and again in its backward), so a 49k-token vocabulary costs chunk x 49k floats, not one
+# [labelled positions, vocabulary] block per tensor the loss keeps for backward.
+HEAD_CHUNK = 256
+
+
 def unfuse_lm_head(model, temperature: float = 1.0, label_smoothing: float = 0.0) -> None:
     """Replace TRL's fused LM head (`add_fused_lm_head`) on `model` by a plain one with the same outputs.
 
@@ -73,16 +79,35 @@ def unfuse_lm_head(model, temperature: float = 1.0, label_smoothing: float = 0.0
     labelled positions: with completion-only losses that is a few tokens per row, so it is also much cheaper than
     the chunked kernel for small vocabularies. Same fields as TRL's `FusedCausalLMOutput` (the logit scale and
     soft-capping applied as TRL applies them), and the same `fused_lm_head=True` call signature the trainers use.
+    The labelled positions go through the output layer `HEAD_CHUNK` at a time under activation checkpointing, and
+    the logged statistics (entropy, top-1) are computed without a graph: with SmolLM2's 49k vocabulary and 1,200
+    labelled positions a batch, the logits and the tensors kept for backward were 2 GB of a 7 GB step.
 
     `label_smoothing` > 0 (SFT only): the returned `log_probs`, which TRL's SFT loss negates and averages, are the
     smoothed log-likelihood `(1 - eps) * log p(target) + eps * mean_v log p(v)`, transformers' `LabelSmoother`
     objective, computed on the labelled positions only. TRL's own label smoothing needs the full logits of every
     position and a second forward pass (3.2x the CPU time of a Scientific run, docs/sft.md)."""
+    from torch.utils.checkpoint import checkpoint
     from trl.trainer.utils import FusedCausalLMOutput
 
     original = type(model).forward
     scale = logit_scale(model.config)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def score(head, hidden, target):
+        """(log-likelihood of each target [n], its statistics [4, n]: entropy, log sum p^2, mean logit, top-1)."""
+        logits = head(hidden).float() * scale
+        if softcap:  # Gemma-style final soft-capping, as the model's own forward applies it
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits / temperature
+        logprobs = F.log_softmax(logits, dim=-1)
+        per_token = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        if label_smoothing:
+            per_token = (1 - label_smoothing) * per_token + label_smoothing * logprobs.mean(-1)
+        with torch.no_grad():
+            stats = torch.stack([-(logprobs.exp() * logprobs).sum(-1), torch.logsumexp(2 * logprobs, dim=-1),
+                                 logits.mean(-1), (logits.argmax(-1) == target).float()])  # fmt: skip
+        return per_token, stats
 
     @functools.wraps(original)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -97,28 +122,24 @@ def unfuse_lm_head(model, temperature: float = 1.0, label_smoothing: float = 0.0
         else:
             labels = shift_labels
         mask = labels != -100
-        target = labels[mask]
-        logits = self.get_output_embeddings()(hidden[mask]).float() * scale
-        if softcap:  # Gemma-style final soft-capping, as the model's own forward applies it
-            logits = torch.tanh(logits / softcap) * softcap
-        logits = logits / temperature
-        logprobs = F.log_softmax(logits, dim=-1)
+        target, hidden = labels[mask], hidden[mask]
+        head = self.get_output_embeddings()
+        parts = [checkpoint(score, head, hidden[i : i + HEAD_CHUNK], target[i : i + HEAD_CHUNK], use_reentrant=False)
+                 if torch.is_grad_enabled() else score(head, hidden[i : i + HEAD_CHUNK], target[i : i + HEAD_CHUNK])
+                 for i in range(0, len(target), HEAD_CHUNK)]  # fmt: skip
+        per_token = torch.cat([p for p, _ in parts]) if parts else hidden.new_zeros(0)
+        stats = torch.cat([s for _, s in parts], dim=1) if parts else hidden.new_zeros(4, 0)
 
         def scatter(values):
             full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
             full[mask] = values
             return full
 
-        per_token = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        if label_smoothing:
-            per_token = (1 - label_smoothing) * per_token + label_smoothing * logprobs.mean(-1)
         per_token = scatter(per_token)
         loss = -per_token.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(
-            loss=loss, log_probs=per_token, entropy=scatter(-(logprobs.exp() * logprobs).sum(-1)),
-            log_sum_sq_probs=scatter(torch.logsumexp(2 * logprobs, dim=-1).detach()),
-            mean_logits=scatter(logits.mean(-1).detach()), is_top1=scatter(logits.argmax(-1) == target),
-            label_mask=mask,
+            loss=loss, log_probs=per_token, entropy=scatter(stats[0]), log_sum_sq_probs=scatter(stats[1]),
+            mean_logits=scatter(stats[2]), is_top1=scatter(stats[3].bool()), label_mask=mask,
         )  # fmt: skip
 
     model.forward = types.MethodType(forward, model)
@@ -226,7 +247,7 @@ def _shared_prompt_forward(module, query, key, value, attention_mask, scaling=No
     scaling = dim**-0.5 if scaling is None else scaling
 
     def by_prompt(x):  # [B*W, Hkv, g, n] -> [B, Hkv, W*g, n]
-        return x.reshape(batch, width, kv_heads, groups, -1).transpose(1, 2).reshape(batch, kv_heads, width * groups, -1)
+        return x.reshape(batch, width, kv_heads, groups, -1).transpose(1, 2).reshape(batch, kv_heads, -1, x.shape[-1])
 
     def by_beam(x):  # [B, Hkv, W*g, n] -> [B*W, Hkv, g, n]
         return x.reshape(batch, kv_heads, width, groups, -1).transpose(1, 2).reshape(beams, kv_heads, groups, -1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlrec.decoding import ItemTrie, beam, TrieLogitsProcessor, items_from_generations, recommend, sample_items
+from rlrec.decoding import ItemTrie, TrieLogitsProcessor, beam, items_from_generations, recommend, sample_items
 from rlrec.decoding.beam import encode_prompts, left_pad
 from rlrec.decoding.regex import identifier_regex
 from rlrec.errors import RlrecError

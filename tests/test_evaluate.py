@@ -32,8 +32,9 @@ def sampled_run(tmp_path_factory):
     recipe = from_dict(Recipe, raw)
     data_stage.run(recipe)
     data = load_run_data(recipe.stage_dir("data"))
-    model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=16, layers=1, heads=1), data.identifiers,
-                                             [m["content"] for m in data.rows("train")[0]["prompt"]], seed=0)  # fmt: skip
+    texts = [m["content"] for m in data.rows("train")[0]["prompt"]]
+    model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=16, layers=1, heads=1), data.identifiers, texts,
+                                             seed=0)  # fmt: skip
     model.save_pretrained(out / "pretrained")
     tokenizer.save_pretrained(out / "pretrained")
     raw["sft"]["model"] = {"path": str(out / "pretrained")}

@@ -92,6 +92,27 @@ def test_sequence_loss_positions_are_exactly_the_item_tokens_and_match_the_decod
         assert ids == inputs.history_ids(history) + inputs.blocks[target] and mask == [0] * (len(ids) - 4) + [1] * 4
 
 
+def test_rows_per_user_keeps_each_users_latest_rows(sequence_data):
+    """`sft.rows_per_user`: sequence rows keep each user's latest window (ending at the last training item), target
+    rows each user's latest targets; every user keeps a row."""
+    data, _, inputs = sequence_data
+    full = full_sequences(data)
+    latest = sequence_rows(data, inputs, min_history=1, per_user=1)
+    assert sorted(latest["user"]) == sorted(full)
+    for row_ids, user in zip(latest["input_ids"], latest["user"], strict=True):
+        train_part = full[user][:-2]
+        assert items_of(row_ids, inputs) == train_part[-(data.stats["max_history"] + 1) :]
+    rows = target_rows(data, inputs, per_user=2)
+    train = data.rows("train")
+    expected = {}
+    for history, target, user in zip(train["history"], train["target"], train["user"], strict=True):
+        expected.setdefault(user, []).append(inputs.history_ids(history) + inputs.blocks[target])
+    kept: dict[str, list] = {}
+    for ids, user in zip(rows["input_ids"], rows["user"], strict=True):
+        kept.setdefault(user, []).append(ids)
+    assert kept == {user: found[-2:] for user, found in expected.items()}
+
+
 def test_stopless_trie_beam_equals_teacher_forcing_and_refuses_prefixes():
     identifiers = {str(i): f"<a_{i % 3}><b_{i}>" for i in range(12)}
     tokenizer = build_tokenizer(["History:", *identifiers.values()])

@@ -228,8 +228,12 @@ def test_shared_prompt_attention_equals_attention_over_the_repeated_prompt():
         cache = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
         repeated = copy.deepcopy(cache)
         repeated.batch_repeat_interleave(2)
-        expected = model(input_ids=step, attention_mask=torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 1,
-                         dtype=mask.dtype)], 1), position_ids=next_position, past_key_values=repeated).logits
+        expected = model(
+            input_ids=step,
+            attention_mask=torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 1, dtype=mask.dtype)], 1),
+            position_ids=next_position,
+            past_key_values=repeated,
+        ).logits
         with shared_prompt_attention(model, cache, mask, width=2) as feed:
             assert feed is not None and model.config._attn_implementation == "rlrec_shared_prompt"
             feed(torch.arange(4))

@@ -151,7 +151,7 @@ def _expand(steps, trie: ItemTrie, next_position, banned, beam_tokens, beam_node
     batch, width = scores.shape
     device = next_position.device
     flat_rows = torch.arange(batch).repeat_interleave(width)  # prompt of each flat beam
-    for step in range(1, trie.max_length + 1):
+    for _ in range(trie.max_length):
         live = (trie.terminal_item[beam_nodes] < 0) & ~torch.isinf(scores)  # beams inside an item
         if not bool(live.any()):
             break

@@ -12,10 +12,12 @@ Two prompt formats (`data.prompt.format`):
       <|user|>History: <a_1><b_4><c_9> <a_7><b_2><c_5><|assistant|> [<a_3><b_3><c_1><eos>]
 
 - `sequence`: the user turn holds the template without the history, and the history itself is the assistant
-  turn: each item is its identifier's tokens, back to back, then the separator's own tokens (its visible part;
-  a whitespace separator's token, such as a BPE tokenizer's newline; none for a word-level tokenizer). The next item is the continuation, so one row can train every item of a user's sequence
-  at once (SASRec's signal per token, `sft.rows: sequence`), and its prefix is exactly the prompt that predicts
-  each item. Item tokens must be prefix-free (no stop token follows an item): semantic IDs and one-token ids are.
+  turn: each item is its identifier's tokens, then the separator's own tokens (its visible part; for a
+  whitespace separator, its token if the tokenizer has one: a BPE newline, which then ends every item as a stop
+  token would; none for a word-level tokenizer). The next item is the continuation, so one row can train every item
+  of a user's sequence at once (SASRec's signal per token, `sft.rows: sequence`), and its prefix is exactly the
+  prompt that predicts each item. Item tokens must be prefix-free (no stop token follows an item): semantic IDs,
+  one-token ids and newline-ended titles are.
 
       <|user|>History:<|assistant|> <a_1><b_4><c_9> <a_7><b_2><c_5> [<a_3><b_3><c_1>]
 """

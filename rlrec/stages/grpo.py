@@ -172,7 +172,10 @@ def run(recipe: Recipe) -> dict | None:
     dataset = train_prompts(data, config.train_rows, config.max_train_prompts, recipe.seed)
     kwargs = training_arguments(config.train, out, recipe.seed)
     kwargs.pop("train_sampling_strategy")  # GRPO samples with its own RepeatSampler
-    kwargs["per_device_train_batch_size"] = config.prompts_per_device * config.num_generations
+    # one rollout per optimizer step for its prompts_per_device prompts, trained in train.grad_accum micro-batches
+    # (TRL's steps_per_generation defaults to the accumulation steps): a large model's memory is a micro-batch's
+    completions = config.prompts_per_device * config.num_generations
+    kwargs["per_device_train_batch_size"] = completions // config.train.grad_accum
     args = trl.GRPOConfig(
         **kwargs, num_generations=config.num_generations, max_completion_length=inputs.trie.max_length,
         beta=config.beta, loss_type=config.loss_type, scale_rewards=config.scale_rewards, epsilon=config.epsilon,

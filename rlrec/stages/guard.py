@@ -59,6 +59,7 @@ class Guard(TrainerCallback):
         self.warnings: list[dict] = []
         self.trainer = None
         self.started = (time.time(), time.process_time())  # reset when training begins: time into training
+        self.eval_cpu_seconds = 0.0  # spent evaluating, so that the stage's training rate leaves it out
 
     def attach(self, trainer) -> Guard:
         """Add the guard to `trainer`; its evaluations then also go to the trainer's log."""
@@ -68,8 +69,10 @@ class Guard(TrainerCallback):
 
     def evaluate(self, step: int, control) -> None:
         model, training = self.model, self.model.training
+        cpu_started = time.process_time()
         result = evaluate_generative(model, self.tokenizer, self.data, self.eval_config, self.rows, self.inputs,
                                      progress=False)["metrics"]  # fmt: skip
+        self.eval_cpu_seconds += time.process_time() - cpu_started
         if training:
             model.train()
         value, hr = result[self.metric], result[f"hr@{self.config.k}"]

@@ -17,7 +17,8 @@ def evaluate(data: RunData, config: EvalConfig, rows) -> dict:
     """Score most-popular on `rows` (under `exclude_history`, each user's history is left out of their list)."""
     exclude = rows["history"] if config.exclude_history else None
     lists = most_popular_lists(data, len(rows), max(config.ks), exclude)
-    return {"metrics": score_lists(lists, rows["target"], data, config.ks), "ranks": target_ranks(lists, rows["target"])}
+    targets = rows["target"]
+    return {"metrics": score_lists(lists, targets, data, config.ks), "ranks": target_ranks(lists, targets)}
 
 
 def run(recipe: Recipe) -> dict:

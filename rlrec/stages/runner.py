@@ -31,6 +31,7 @@ from rlrec.manifest import write_manifest
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.schema import EvalConfig
+from rlrec.stages.guard import Guard
 from rlrec.stages.training import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
 from rlrec.upstream import tensorboard_dir
 
@@ -76,6 +77,7 @@ def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict
     if is_main_process():
         print(f"rlrec {label}: world size {world_size()} ({kind}), {details}, resume from {checkpoint or 'scratch'}",
               flush=True)  # fmt: skip
+    cpu_started = time.process_time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if is_main_process():
         with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:
@@ -86,7 +88,19 @@ def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict
         "resumed_from": checkpoint, "steps_run": trainer.state.global_step - checkpoint_step(checkpoint),
         "world_size": world_size(), "distributed_type": kind,
         "trainable_parameters": trainable_parameters(trainer.model),
+        **training_rate(trainer, time.process_time() - cpu_started, checkpoint),
     }  # fmt: skip
+
+
+def training_rate(trainer, cpu_seconds: float, checkpoint: str | None) -> dict:
+    """This process's CPU seconds of training (the guard's evaluations left out) and the tokens the trainer fed its
+    model per CPU second: TRL's `num_tokens` (SFT and DPO: the batches' non-padding tokens; GRPO: prompt and
+    completion tokens of every completion). A resumed run's token count starts before its CPU time: no rate."""
+    guards = [c for c in trainer.callback_handler.callbacks if isinstance(c, Guard)]
+    cpu_seconds -= sum(g.eval_cpu_seconds for g in guards)
+    tokens = next((row["num_tokens"] for row in reversed(trainer.state.log_history) if "num_tokens" in row), None)
+    rate = round(tokens / max(cpu_seconds, 1e-9), 1) if tokens is not None and checkpoint is None else None
+    return {"train_cpu_seconds": round(cpu_seconds, 1), "tokens": tokens, "tokens_per_cpu_second": rate}
 
 
 def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Iterable[str],
@@ -102,8 +116,14 @@ def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, 
     """Score `model` on `splits` and write `<stage>/metrics.json`, `ranks.json`, config.yaml and manifest.json."""
     eval_config, splits = recipe.eval or EvalConfig(), list(splits)
     # the same protocol fields as the baselines' reports (bench/results.py refuses to mix protocols)
-    protocol = {**data.protocol, "split": ",".join(splits), "exclude_history": eval_config.exclude_history,
-                "beam_width": eval_config.beam_width, "ks": list(eval_config.ks), **sample_protocol(eval_config)}
+    protocol = {
+        **data.protocol,
+        "split": ",".join(splits),
+        "exclude_history": eval_config.exclude_history,
+        "beam_width": eval_config.beam_width,
+        "ks": list(eval_config.ks),
+        **sample_protocol(eval_config),
+    }
     metrics, ranks = {"protocol": protocol, "training": summary}, {}
     for split in splits:
         rows = eval_rows(data, split, eval_config, max_users)

@@ -36,7 +36,8 @@ def evaluate(recipe: Recipe, data: RunData, config: EvalConfig, rows) -> dict:
     """Score the run's trained SASRec on `rows`."""
     model = load_sasrec(recipe.stage_dir("sasrec"), recipe.sasrec or SASRecConfig())
     lists = sasrec_lists(model, data, rows, max(config.ks), config.exclude_history)
-    return {"metrics": score_lists(lists, rows["target"], data, config.ks), "ranks": target_ranks(lists, rows["target"])}
+    targets = rows["target"]
+    return {"metrics": score_lists(lists, targets, data, config.ks), "ranks": target_ranks(lists, targets)}
 
 
 def run(recipe: Recipe) -> dict:

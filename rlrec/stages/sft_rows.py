@@ -25,7 +25,8 @@ from rlrec.data.prepared import RunData, last_rows, training_sequences, window_b
 from rlrec.decoding.inputs import ModelInputs
 
 
-def target_rows(data: RunData, inputs: ModelInputs, hold_out_last: bool = False, per_user: int | None = None) -> Dataset:
+def target_rows(data: RunData, inputs: ModelInputs, hold_out_last: bool = False,
+                per_user: int | None = None) -> Dataset:  # fmt: skip
     train = without_last_rows(data.rows("train")) if hold_out_last else data.rows("train")
     if per_user is not None:
         train = train.select(last_rows(train, per_user))
