@@ -15,6 +15,11 @@ are missing is printed as missing, not filled in.
 The metrics are the evaluation harness's (docs/evaluation.md): HR@K, NDCG@K, MRR@10 over the full catalogue,
 coverage@10 (share of the catalogue recommended to anyone), long-tail share@10 (share of recommended items outside
 the most popular 20% of items) and the valid rate (share of generated items that are catalogue items).
+
+A table may name its own `columns` (any metric key, e.g. `cold_ndcg@10`, the cold-item slice), `rates: true` for the
+cost per CPU-second (training tokens, evaluated users), and `paired: [label, ...]`: for each named row, a column of
+every row's per-user NDCG@10 difference to it with a 95% paired bootstrap interval, computed from the `ranks.json`
+beside each metrics file (the same users in both, or the table is refused; several seeds are averaged per user).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from rlrec.metrics import ndcg_at_k, paired_bootstrap
+
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10", "coverage@10",
            "tail_share@10", "valid_rate")  # fmt: skip
@@ -44,20 +51,48 @@ def read_run(path: Path) -> dict:
     if "results" in raw:  # `rlrec baseline`: {results: {system: {metrics, training}}}, test split in the protocol
         if raw["protocol"].get("split") != "test":
             raise SystemExit(f"{path}: evaluated on {raw['protocol'].get('split')!r}, the tables use the test split")
-        (result,) = raw["results"].values()
+        ((system, result),) = raw["results"].items()
         metrics, training, users = result["metrics"], result.get("training", {}), raw["protocol"]["num_users"]
-        parameters = training.get("parameters")
-    else:  # rlrec sft / grpo / dpo: {training, test: {metrics, num_users}}
+        parameters, users_per_cpu_second = training.get("parameters"), None
+    else:  # rlrec sft / grpo / dpo / zero_shot: {training, test: {metrics, num_users}}
+        system = path.parent.name
         metrics, training, users = raw["test"]["metrics"], raw["training"], raw["test"]["num_users"]
         parameters = training.get("parameters") or training.get("trainable_parameters")
+        users_per_cpu_second = raw["test"].get("users_per_cpu_second")
     seconds = training.get("train_seconds")
     if training.get("rounds"):  # DPO: a rerun that skipped finished rounds reports only its own seconds
         seconds = round(sum(r["seconds"] for r in training["rounds"]), 1)
     manifest = path.with_name("manifest.json")
     manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    return {"metrics": metrics, "protocol": {**protocol, "test_users": users}, "parameters": parameters,
-            "train_seconds": seconds, "peak_rss_mb": manifest.get("peak_rss_mb"),
-            "path": str(path)}  # fmt: skip
+    sample = {k: raw["protocol"].get(k) for k in ("users_sample", "users_seed") if raw["protocol"].get(k) is not None}
+    return {"metrics": metrics, "protocol": {**protocol, **sample, "test_users": users}, "parameters": parameters,
+            "train_seconds": seconds, "peak_rss_mb": manifest.get("peak_rss_mb"), "path": str(path),
+            "system": system, "train_cpu_seconds": training.get("train_cpu_seconds"),
+            "tokens_per_cpu_second": training.get("tokens_per_cpu_second"),
+            "users_per_cpu_second": users_per_cpu_second}  # fmt: skip
+
+
+def per_user_ndcg(runs: list[dict], k: int = 10) -> tuple[list[str], list[float]]:
+    """(users, NDCG@k per user averaged over the runs' seeds) from the ranks.json beside each run's metrics."""
+    users, totals = None, None
+    for run in runs:
+        ranks_path = Path(run["path"]).with_name("ranks.json")
+        if not ranks_path.is_file():
+            raise SystemExit(f"{ranks_path}: no per-user ranks for the paired interval; evaluate the run again")
+        test = json.loads(ranks_path.read_text())["test"]
+        if users is not None and test["users"] != users:
+            raise SystemExit(f"{ranks_path}: other test users than the row's other seeds")
+        users = test["users"]
+        values = [ndcg_at_k(rank, k) for rank in test["ranks"][run["system"]]]
+        totals = values if totals is None else [a + b for a, b in zip(totals, values, strict=True)]
+    return users, [value / len(runs) for value in totals]
+
+
+def paired_cell(row: tuple[list[str], list[float]], reference: tuple[list[str], list[float]]) -> str:
+    if row[0] != reference[0]:
+        raise SystemExit("paired interval over different test users: the rows' eval.users samples differ")
+    mean, low, high = paired_bootstrap(row[1], reference[1])
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def expand(patterns: str | list[str]) -> list[Path]:
@@ -80,13 +115,23 @@ def cost(values: list, fmt: str) -> str:
     return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
 
 
+def column_header(column: str) -> str:
+    if column.startswith("cold_"):
+        return "cold " + column_header(column.removeprefix("cold_"))
+    return HEADERS.get(column, column.upper().replace("COVERAGE", "coverage"))
+
+
 def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
-    header = ["model", "seeds", *[HEADERS.get(c, c.upper().replace("COVERAGE", "coverage")) for c in COLUMNS],
-              "parameters", "train s", "peak RSS MB"]  # fmt: skip
+    columns, rates, paired = spec.get("columns", COLUMNS), spec.get("rates", False), spec.get("paired", [])
+    rate_columns = ["train CPU s", "train tokens / CPU s", "eval users / CPU s"] if rates else []
+    header = ["model", "seeds", *map(column_header, columns), *[f"NDCG@10 vs {label} [95% CI]" for label in paired],
+              "parameters", "train s", *rate_columns, "peak RSS MB"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     protocol, summary = None, []
+    found = {row["label"]: [read_run(p) for p in expand(row["metrics"])] for row in spec["rows"]}
+    references = {label: per_user_ndcg(found[label]) for label in paired if found.get(label)}
     for row in spec["rows"]:
-        runs = [read_run(p) for p in expand(row["metrics"])]
+        runs = found[row["label"]]
         if not runs:
             lines.append(f"| {row['label']} | missing: {row['metrics']} |" + " |" * (len(header) - 2))
             print(f"{name}: no metrics for {row['label']!r} ({row['metrics']})", file=sys.stderr)
@@ -96,18 +141,26 @@ def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
                 protocol = run["protocol"]
             elif run["protocol"] != protocol:
                 raise SystemExit(f"table {name}: {run['path']} has protocol {run['protocol']}, the table {protocol}")
-        cells = [mean_std([r["metrics"][c] for r in runs]) for c in COLUMNS]
-        lines.append(f"| {row['label']} | {len(runs)} | " + " | ".join(cells) + " | "
-                     + f"{cost([r['parameters'] for r in runs], '{:,}')} | "
-                     + f"{cost([r['train_seconds'] for r in runs], '{:,.0f}')} | "
-                     + f"{cost([r['peak_rss_mb'] for r in runs], '{:,.0f}')} |")  # fmt: skip
+        cells = [mean_std([r["metrics"][c] for r in runs]) for c in columns]
+        for label in paired:
+            cells.append("-" if label == row["label"] or label not in references
+                         else paired_cell(per_user_ndcg(runs), references[label]))  # fmt: skip
+        costs = [cost([r["parameters"] for r in runs], "{:,}"), cost([r["train_seconds"] for r in runs], "{:,.0f}")]
+        if rates:
+            costs += [cost([r["train_cpu_seconds"] for r in runs], "{:,.0f}"),
+                      cost([r["tokens_per_cpu_second"] for r in runs], "{:,.1f}"),
+                      cost([r["users_per_cpu_second"] for r in runs], "{:.3f}")]  # fmt: skip
+        costs.append(cost([r["peak_rss_mb"] for r in runs], "{:,.0f}"))
+        lines.append(f"| {row['label']} | {len(runs)} | " + " | ".join(cells + costs) + " |")
         ndcg = [r["metrics"]["ndcg@10"] for r in runs]
         summary.append({"label": row["label"], "seeds": len(runs), "ndcg@10": statistics.fmean(ndcg),
                         "std": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0})  # fmt: skip
     if protocol:
         lines.append("")
+        sample = (f", a seeded sample (seed {protocol['users_seed']}) of the test users"
+                  if protocol.get("users_sample") else "")  # fmt: skip
         lines.append(f"Protocol: {protocol['split_method']}, history <= {protocol['max_history']}, test split "
-                     f"({protocol['test_users']:,} rows), {protocol['candidates']} "
+                     f"({protocol['test_users']:,} rows{sample}), {protocol['candidates']} "
                      f"({protocol['num_items']:,} items).")  # fmt: skip
     commands = [row["command"] for row in spec["rows"] if row.get("command")]
     if commands:

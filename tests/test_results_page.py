@@ -104,3 +104,41 @@ def test_shipped_sft_lever_spec_names_only_recipes_that_exist():
             for word in row.get("command", "").split():
                 if word.startswith("recipes/") or word.startswith("rewards/"):
                     assert (REPO / word).is_file(), f"{row['label']}: {word} does not exist"
+
+
+def write_ranks(folder, system: str, users: list[str], ranks: list) -> None:
+    test = {"users": users, "targets": ["t"] * len(users), "ranks": {system: ranks}}
+    (folder / "ranks.json").write_text(json.dumps({"test": test}))
+
+
+def test_paired_columns_come_from_the_per_user_ranks(tmp_path):
+    """`paired: [label]`: each row's per-user NDCG@10 difference to that row, from ranks.json; the cold slice and
+    the per-CPU-second rates as columns; different test users are refused."""
+    runs, users = tmp_path / "runs", [f"u{i}" for i in range(40)]
+    write_stage(runs / "x" / "zero_shot", 0.1)
+    write_ranks(runs / "x" / "zero_shot", "zero_shot", users, [None] * 40)
+    write_stage(runs / "x" / "sft", 0.2)
+    write_ranks(runs / "x" / "sft", "sft", users, [1] * 20 + [None] * 20)  # NDCG@10 1 for half of the users
+    rows = [{"label": "zero-shot", "metrics": str(runs / "x/zero_shot/metrics.json")},
+            {"label": "SFT", "metrics": str(runs / "x/sft/metrics.json")}]  # fmt: skip
+    spec = {"tables": {"t": {"columns": ["ndcg@10", "cold_ndcg@10"], "paired": ["zero-shot"], "rates": True,
+                             "plot": False, "rows": rows}}}  # fmt: skip
+    for folder in (runs / "x" / "zero_shot", runs / "x" / "sft"):
+        body = json.loads((folder / "metrics.json").read_text())
+        body["test"]["metrics"]["cold_ndcg@10"] = 0.25
+        body["test"]["users_per_cpu_second"] = 0.5
+        body["training"].update(train_cpu_seconds=90.0, tokens_per_cpu_second=61.5)
+        (folder / "metrics.json").write_text(json.dumps(body))
+    result = run_page(tmp_path, spec)
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "| model | seeds | NDCG@10 | cold NDCG@10 | NDCG@10 vs zero-shot [95% CI] |" in page
+    sft = next(line for line in page.splitlines() if line.startswith("| SFT |"))
+    low, high = (float(x) for x in sft.split("[")[1].split("]")[0].split(", "))
+    assert "| +0.5000 [" in sft and 0.3 < low < 0.5 < high < 0.7  # half the users gain 1: mean +0.5
+    assert "| 0.2500 |" in sft and sft.endswith("| 1,000 | 12 | 90 | 61.5 | 0.500 | 321 |")
+    zero = next(line for line in page.splitlines() if line.startswith("| zero-shot |"))
+    assert "| - |" in zero  # no interval against itself
+    write_ranks(runs / "x" / "sft", "sft", [f"v{i}" for i in range(40)], [1] * 40)
+    result = run_page(tmp_path, spec)
+    assert result.returncode != 0 and "different test users" in result.stderr
