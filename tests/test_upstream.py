@@ -28,6 +28,7 @@ from rlrec.upstream import (
     preference_trainer,
     reorder_generated_cache,
     shared_prompt_attention,
+    shared_prompt_logps,
     tensorboard_dir,
     unfuse_lm_head,
     unwrap_peft,
@@ -242,6 +243,41 @@ def test_shared_prompt_attention_equals_attention_over_the_repeated_prompt():
     assert torch.allclose(got, expected, atol=1e-5)
     with shared_prompt_attention(model, object(), mask, width=2) as feed:
         assert feed is None
+
+
+def test_shared_prompt_logps_equal_full_forwards_and_trl_still_asks_for_them():
+    """`grpo_trainer` overrides TRL's `_get_per_token_logps_and_entropies`: its signature is still the one the
+    override takes, and `shared_prompt_logps` (each distinct prompt once, its cache repeated to its rows) gives the
+    log-probabilities, entropies and gradients of a forward of every full row: two groups of three completions
+    with left-padded prompts of different lengths and right-padded completions."""
+    parameters = list(inspect.signature(trl.GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    assert parameters[:8] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                              "compute_entropy", "compute_aux_loss"]  # fmt: skip
+    model, tokenizer, _ = tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=generator) for n in (5, 7)]
+    rows, masks = [], []
+    for prompt in prompts:
+        for length in (2, 3, 1):
+            completion = torch.randint(3, len(tokenizer), (length,), generator=generator)
+            row = torch.full((7 + 3,), tokenizer.pad_token_id)
+            row[7 - len(prompt) : 7], row[7 : 7 + length] = prompt, completion
+            mask = torch.zeros(10, dtype=torch.long)
+            mask[7 - len(prompt) : 7 + length] = 1
+            rows.append(row)
+            masks.append(mask)
+    ids, mask = torch.stack(rows), torch.stack(masks)
+    logps, entropy = shared_prompt_logps(model, ids, mask, 3, temperature=0.7, entropy=True)
+    shared_grad = torch.autograd.grad((logps * mask[:, -3:]).sum(), model.get_input_embeddings().weight)[0]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -4:-1].float() / 0.7
+    full = torch.log_softmax(logits, -1)
+    expected = full.gather(-1, ids[:, -3:].unsqueeze(-1)).squeeze(-1)
+    full_grad = torch.autograd.grad((expected * mask[:, -3:]).sum(), model.get_input_embeddings().weight)[0]
+    real = mask[:, -3:].bool()  # padding after a completion is masked out of every loss
+    assert torch.allclose(logps[real], expected[real], atol=1e-5)
+    assert torch.allclose(entropy[real], -(full.exp() * full).sum(-1)[real], atol=1e-5)
+    assert torch.allclose(shared_grad, full_grad, atol=1e-5)
 
 
 def test_tensorboard_folder_is_read_from_the_environment_per_trainer(tmp_path, monkeypatch):

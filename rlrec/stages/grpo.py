@@ -42,7 +42,7 @@ from rlrec.stages.guard import make_guard
 from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
 from rlrec.stages.training import training_arguments, wants_plain_lm_head
-from rlrec.upstream import unfuse_lm_head, unwrap_peft
+from rlrec.upstream import grpo_trainer, unfuse_lm_head, unwrap_peft
 
 # --- rollouts ---------------------------------------------------------------------------------------------------
 
@@ -186,7 +186,7 @@ def run(recipe: Recipe) -> dict | None:
     trainer = build_trainer(
         "grpo",
         out,
-        lambda: trl.GRPOTrainer(
+        lambda: grpo_trainer(
             model=model,
             reward_funcs=funcs,
             args=args,
