@@ -209,8 +209,11 @@ def shared_prompt_logps(model, input_ids, attention_mask, completion_length: int
     1,456 a group."""
     prompt, prompt_mask = input_ids[:, :-completion_length], attention_mask[:, :-completion_length]
     completion = input_ids[:, -completion_length:]
-    starts = [0] + [i for i in range(1, len(prompt))
-                    if not (torch.equal(prompt[i], prompt[i - 1]) and torch.equal(prompt_mask[i], prompt_mask[i - 1]))]
+    starts = [0] + [
+        i
+        for i in range(1, len(prompt))
+        if not (torch.equal(prompt[i], prompt[i - 1]) and torch.equal(prompt_mask[i], prompt_mask[i - 1]))
+    ]
     owner = torch.zeros(len(prompt), dtype=torch.long, device=prompt.device)
     owner[starts[1:]] = 1
     owner = owner.cumsum(0)  # each row's distinct prompt

@@ -74,8 +74,9 @@ def test_chat_items_end_at_im_end_and_it_carries_loss_though_it_pads(smollm2, tm
     messages = [[{"role": "user", "content": "Watched: Heat (1995). Next?"}]]
     decoding_prompt = tokenizer.decode(inputs.prompt_ids(tokenizer, {"prompt": messages, "history": [["2"]]})[0])
     assert decoding_prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    rows = Dataset.from_dict({"prompt": messages * 3,
-                              "completion": [[{"role": "assistant", "content": t}] for t in identifiers.values()]})
+    rows = Dataset.from_dict(
+        {"prompt": messages * 3, "completion": [[{"role": "assistant", "content": t}] for t in identifiers.values()]}
+    )
     args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     tokenised = trainer.train_dataset
