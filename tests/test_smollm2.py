@@ -25,7 +25,7 @@ from rlrec.decoding.inputs import ModelInputs
 from rlrec.evaluate import eval_rows, score_lists
 from rlrec.models import build_for_training, load_model
 from rlrec.recipe import Recipe
-from rlrec.schema import ModelConfig, PromptConfig
+from rlrec.schema import LoraConfig, ModelConfig, PromptConfig
 from tests.conftest import REPO, shared_data_root
 
 RECIPE = REPO / "recipes/movielens-100k/smollm2_title.yaml"
@@ -142,3 +142,33 @@ def test_smollm2_recipe_end_to_end(pipeline_run, tmp_path):
     lists = recommender.recommend_batch(test_rows["history"], k=max(recommender.eval.ks))
     scored = score_lists([[item for item, _ in r] for r in lists], test_rows["target"], data, recommender.eval.ks)
     assert scored == json.loads((run / "dpo" / "metrics.json").read_text())["test"]["metrics"]
+
+
+def test_semantic_id_rows_train_through_the_tied_output_layer(smollm2):
+    """SmolLM2 ties its output layer to its input embedding. Code tokens added for semantic IDs and trained under
+    LoRA (`trainable_token_indices`) must change both: the logit of a code token is the hidden state times the
+    token's trained embedding row, and no other row moves."""
+    import peft
+
+    from rlrec.stages.training import lora_config
+    from rlrec.upstream import unwrap_peft
+
+    identifiers = {"1": "<a_1><b_2>", "2": "<a_1><b_3>", "3": "<a_2><b_2>"}
+    model, tokenizer, token_ids = build_for_training(ModelConfig(path=str(smollm2), dtype="float32"), identifiers,
+                                                     [], seed=0)  # fmt: skip
+    assert len(token_ids) == 4 and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    initial = model.get_input_embeddings().weight[token_ids].detach().clone()
+    wrapped = peft.get_peft_model(model, lora_config(from_dict(LoraConfig, {"r": 4}), model, token_ids,
+                                                     "trainable_token_indices"))  # fmt: skip
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    base = unwrap_peft(wrapped)
+    rows = base.get_input_embeddings()(torch.tensor(token_ids))  # the trained rows, through the adapter
+    hidden = torch.randn(2, base.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    logits = base.get_output_embeddings()(hidden)
+    assert torch.allclose(logits[:, token_ids], hidden @ rows.T, atol=1e-4)  # the head reads the trained rows
+    original = base.get_input_embeddings()(torch.tensor([5, 100]))
+    assert torch.allclose(logits[:, [5, 100]], hidden @ original.T, atol=1e-4)  # other rows unchanged
+    assert not torch.allclose(rows, initial)  # the rows did move
