@@ -201,28 +201,22 @@ def preference_trainer(loss: LossHook | None, **kwargs):
 
 def shared_prompt_logps(model, input_ids, attention_mask, completion_length: int, temperature: float,
                         entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """Per-token log-probabilities (and entropies) of the last `completion_length` tokens of each row, the prompt of
-    rows that repeat the row before them run once: one forward of each distinct prompt (its cache kept, gradients
-    flowing through it), its cache repeated to its rows, then one forward of their completion tokens. The same
+    """Per-token log-probabilities (and entropies) of the last `completion_length` tokens of each row, each distinct
+    prompt run once: one forward of each distinct prompt (its cache kept, gradients flowing through it), its cache
+    repeated to its rows, then one forward of their completion tokens. The same
     numbers as a forward of every full row (tested), for a fraction of the tokens when a group's G completions share
     one long prompt: SmolLM2 on MovieLens titles, 170 prompt tokens and 8 completions of ~12, 266 tokens instead of
     1,456 a group."""
-    prompt, prompt_mask = input_ids[:, :-completion_length], attention_mask[:, :-completion_length]
-    completion = input_ids[:, -completion_length:]
-    starts = [0] + [
-        i
-        for i in range(1, len(prompt))
-        if not (torch.equal(prompt[i], prompt[i - 1]) and torch.equal(prompt_mask[i], prompt_mask[i - 1]))
-    ]
-    owner = torch.zeros(len(prompt), dtype=torch.long, device=prompt.device)
-    owner[starts[1:]] = 1
-    owner = owner.cumsum(0)  # each row's distinct prompt
-    unique, unique_mask = prompt[starts], prompt_mask[starts]
+    width = input_ids.size(1) - completion_length
+    completion = input_ids[:, width:]
+    rows, owner = torch.unique(torch.cat([input_ids[:, :width], attention_mask[:, :width]], dim=1), dim=0,
+                               return_inverse=True)  # owner: each row's distinct prompt  # fmt: skip
+    unique, unique_mask = rows[:, :width], rows[:, width:]
     positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=unique, attention_mask=unique_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.reorder_cache(owner)  # index_select on the batch dimension: differentiable
-    steps = positions[owner, -1:] + 1 + torch.arange(completion_length, device=prompt.device)
+    steps = positions[owner, -1:] + 1 + torch.arange(completion_length, device=input_ids.device)
     rest = model(input_ids=completion, attention_mask=attention_mask, position_ids=steps, past_key_values=cache,
                  use_cache=True, logits_to_keep=completion_length)  # fmt: skip
     logits = torch.cat([out.logits[owner, -1:], rest.logits[:, :-1]], dim=1).float() / temperature
@@ -234,6 +228,23 @@ def shared_prompt_logps(model, input_ids, attention_mask, completion_length: int
         return per_token, -(logprobs.exp() * logprobs).sum(-1)
 
 
+def shuffle_whole_groups(batch: dict, size: int) -> dict:
+    """TRL's `shuffle_sequence_dict` for a generation batch, permuting groups of `size` consecutive rows (one
+    prompt's completions) instead of single rows; rows when they do not divide into groups."""
+    rows = len(batch["prompt_ids"])
+    if rows % size:
+        order = torch.randperm(rows)
+    else:
+        order = (torch.randperm(rows // size)[:, None] * size + torch.arange(size)).reshape(-1)
+
+    def permute(value):
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            return value
+        return value[order] if isinstance(value, torch.Tensor) else [value[i] for i in order]
+
+    return {key: permute(value) for key, value in batch.items()}
+
+
 def grpo_trainer(**kwargs):
     """TRL's `GRPOTrainer` whose log-probabilities of text completions run each distinct prompt once
     (`shared_prompt_logps`): the policy's forward and backward, the reference's and the old policy's forwards.
@@ -241,14 +252,27 @@ def grpo_trainer(**kwargs):
     Upstream: TRL 1.16 computes every log-probability of a step in the private `_get_per_token_logps_and_entropies(
     model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
     compute_aux_loss=False, **multimodal_inputs) -> (logps, entropies, aux_loss)`, in chunks of `batch_size` rows,
-    each a full forward of prompt + completion. Rows of one group are consecutive (its RepeatSampler), so a chunk of
-    G rows (`grpo.train.grad_accum` = prompts_per_device) holds one prompt. Multimodal inputs, the MoE auxiliary
+    each a full forward of prompt + completion. TRL also shuffles a step's completions before splitting them into
+    micro-batches (`shuffle_sequence_dict`, looked up in its module by `_prepare_inputs`), which scatters each group
+    over all of them: here that shuffle permutes whole groups (G consecutive rows, as TRL's RepeatSampler lays them
+    out), so a micro-batch of G rows (`grpo.train.grad_accum` = prompts_per_device) holds one prompt. With one
+    rollout per optimizer step the micro-batches' gradients are summed, so which rows share a micro-batch does not
+    change the step under the `dapo`, `grpo` and `dr_grpo` normalisations. Multimodal inputs, the MoE auxiliary
     loss, an entropy bonus (our entropies are statistics, computed without a graph) and distributed wrappers (DDP,
     DeepSpeed, FSDP, which expect one model call per backward) keep TRL's path."""
+    import trl.trainer.grpo_trainer as grpo_module
     from accelerate.utils import DistributedType
     from trl import GRPOTrainer
 
     class SharedPromptGRPOTrainer(GRPOTrainer):
+        def _prepare_inputs(self, generation_batch):
+            original = grpo_module.shuffle_sequence_dict
+            grpo_module.shuffle_sequence_dict = lambda batch: shuffle_whole_groups(batch, self.num_generations)
+            try:
+                return super()._prepare_inputs(generation_batch)
+            finally:
+                grpo_module.shuffle_sequence_dict = original
+
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **multimodal):  # fmt: skip

@@ -29,6 +29,7 @@ from rlrec.upstream import (
     reorder_generated_cache,
     shared_prompt_attention,
     shared_prompt_logps,
+    shuffle_whole_groups,
     tensorboard_dir,
     unfuse_lm_head,
     unwrap_peft,
@@ -278,6 +279,28 @@ def test_shared_prompt_logps_equal_full_forwards_and_trl_still_asks_for_them():
     assert torch.allclose(logps[real], expected[real], atol=1e-5)
     assert torch.allclose(entropy[real], -(full.exp() * full).sum(-1)[real], atol=1e-5)
     assert torch.allclose(shared_grad, full_grad, atol=1e-5)
+
+
+def test_a_step_is_shuffled_by_whole_groups():
+    """TRL 1.16's `_prepare_inputs` shuffles a step's completions with the `shuffle_sequence_dict` of its module before
+    splitting them into micro-batches; `grpo_trainer` swaps in `shuffle_whole_groups`, which keeps each prompt's G
+    completions together, and every column (tensors, lists, scalars) in step."""
+    assert "shuffle_sequence_dict(generation_batch)" in inspect.getsource(trl.GRPOTrainer._prepare_inputs)
+    prompts = torch.arange(4).repeat_interleave(3)  # 4 groups of G = 3, consecutive as TRL's sampler lays them out
+    batch = {
+        "prompt_ids": prompts[:, None].repeat(1, 5),
+        "advantages": prompts.float() * 10,
+        "item": [f"i{p}" for p in prompts.tolist()],
+        "num_items_in_batch": torch.tensor(12),
+        "old": None,
+    }
+    torch.manual_seed(0)
+    shuffled = shuffle_whole_groups(batch, 3)
+    order = shuffled["prompt_ids"][:, 0].tolist()
+    assert sorted(order) == prompts.tolist() and order != prompts.tolist()
+    assert all(len(set(order[g : g + 3])) == 1 for g in range(0, 12, 3))  # each micro-batch of 3: one prompt
+    assert shuffled["advantages"].tolist() == [p * 10.0 for p in order] and shuffled["item"] == [f"i{p}" for p in order]
+    assert shuffled["num_items_in_batch"].item() == 12 and shuffled["old"] is None
 
 
 def test_tensorboard_folder_is_read_from_the_environment_per_trainer(tmp_path, monkeypatch):
