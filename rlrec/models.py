@@ -207,7 +207,9 @@ def _load_pretrained(path: str, dtype: str):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except OSError as err:
         raise RlrecError(f"cannot load model {path!r}: {err}") from None
-    model.name_or_path = model.config.name_or_path = path  # what an adapter names as its base: the user's path
+    # what an adapter names as its base: the user's model, a local one by its absolute path (an adapter published
+    # or loaded from another folder still finds it); a hub id as it is
+    model.name_or_path = model.config.name_or_path = os.path.abspath(path) if os.path.exists(path) else path
     return model, tokenizer
 
 
