@@ -19,7 +19,8 @@ the most popular 20% of items) and the valid rate (share of generated items that
 A table may name its own `columns` (any metric key, e.g. `cold_ndcg@10`, the cold-item slice), `rates: true` for the
 cost per CPU-second (training tokens, evaluated users), and `paired: [label, ...]`: for each named row, a column of
 every row's per-user NDCG@10 difference to it with a 95% paired bootstrap interval, computed from the `ranks.json`
-beside each metrics file (the same users in both, or the table is refused; several seeds are averaged per user).
+beside each metrics file (the same users in both, or the table is refused; several seeds are averaged per user);
+`paired_metrics: [ndcg@10, hr@10]` adds a column per metric (NDCG@K or HR@K, default NDCG@10 alone).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from rlrec.metrics import ndcg_at_k, paired_bootstrap
+from rlrec.metrics import hit_at_k, ndcg_at_k, paired_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10", "coverage@10",
@@ -72,8 +73,11 @@ def read_run(path: Path) -> dict:
             "users_per_cpu_second": users_per_cpu_second}  # fmt: skip
 
 
-def per_user_ndcg(runs: list[dict], k: int = 10) -> tuple[list[str], list[float]]:
-    """(users, NDCG@k per user averaged over the runs' seeds) from the ranks.json beside each run's metrics."""
+def per_user(runs: list[dict], metric: str = "ndcg@10") -> tuple[list[str], list[float]]:
+    """(users, the metric (NDCG@K or HR@K) per user averaged over the runs' seeds) from the ranks.json beside each
+    run's metrics."""
+    name, k = metric.split("@")
+    score = {"ndcg": ndcg_at_k, "hr": hit_at_k}[name]
     users, totals = None, None
     for run in runs:
         ranks_path = Path(run["path"]).with_name("ranks.json")
@@ -83,7 +87,7 @@ def per_user_ndcg(runs: list[dict], k: int = 10) -> tuple[list[str], list[float]
         if users is not None and test["users"] != users:
             raise SystemExit(f"{ranks_path}: other test users than the row's other seeds")
         users = test["users"]
-        values = [ndcg_at_k(rank, k) for rank in test["ranks"][run["system"]]]
+        values = [score(rank, int(k)) for rank in test["ranks"][run["system"]]]
         totals = values if totals is None else [a + b for a, b in zip(totals, values, strict=True)]
     return users, [value / len(runs) for value in totals]
 
@@ -123,13 +127,14 @@ def column_header(column: str) -> str:
 
 def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
     columns, rates, paired = spec.get("columns", COLUMNS), spec.get("rates", False), spec.get("paired", [])
+    pairs = [(label, metric) for label in paired for metric in spec.get("paired_metrics", ["ndcg@10"])]
     rate_columns = ["train CPU s", "train tokens / CPU s", "eval users / CPU s"] if rates else []
-    header = ["model", "seeds", *map(column_header, columns), *[f"NDCG@10 vs {label} [95% CI]" for label in paired],
+    header = ["model", "seeds", *map(column_header, columns), *[f"{column_header(metric)} vs {label} [95% CI]" for label, metric in pairs],
               "parameters", "train s", *rate_columns, "peak RSS MB"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     protocol, summary = None, []
     found = {row["label"]: [read_run(p) for p in expand(row["metrics"])] for row in spec["rows"]}
-    references = {label: per_user_ndcg(found[label]) for label in paired if found.get(label)}
+    references = {(label, metric): per_user(found[label], metric) for label, metric in pairs if found.get(label)}
     for row in spec["rows"]:
         runs = found[row["label"]]
         if not runs:
@@ -142,9 +147,9 @@ def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
             elif run["protocol"] != protocol:
                 raise SystemExit(f"table {name}: {run['path']} has protocol {run['protocol']}, the table {protocol}")
         cells = [mean_std([r["metrics"][c] for r in runs]) for c in columns]
-        for label in paired:
-            cells.append("-" if label == row["label"] or label not in references
-                         else paired_cell(per_user_ndcg(runs), references[label]))  # fmt: skip
+        for label, metric in pairs:
+            cells.append("-" if label == row["label"] or (label, metric) not in references
+                         else paired_cell(per_user(runs, metric), references[label, metric]))  # fmt: skip
         costs = [cost([r["parameters"] for r in runs], "{:,}"), cost([r["train_seconds"] for r in runs], "{:,.0f}")]
         if rates:
             costs += [cost([r["train_cpu_seconds"] for r in runs], "{:,.0f}"),

@@ -112,17 +112,17 @@ def write_ranks(folder, system: str, users: list[str], ranks: list) -> None:
 
 
 def test_paired_columns_come_from_the_per_user_ranks(tmp_path):
-    """`paired: [label]`: each row's per-user NDCG@10 difference to that row, from ranks.json; the cold slice and
-    the per-CPU-second rates as columns; different test users are refused."""
+    """`paired: [label]`: each row's per-user NDCG@10 (and HR@10) difference to that row, from ranks.json; the cold
+    slice and the per-CPU-second rates as columns; different test users are refused."""
     runs, users = tmp_path / "runs", [f"u{i}" for i in range(40)]
     write_stage(runs / "x" / "zero_shot", 0.1)
     write_ranks(runs / "x" / "zero_shot", "zero_shot", users, [None] * 40)
     write_stage(runs / "x" / "sft", 0.2)
-    write_ranks(runs / "x" / "sft", "sft", users, [1] * 20 + [None] * 20)  # NDCG@10 1 for half of the users
+    write_ranks(runs / "x" / "sft", "sft", users, [3] * 20 + [None] * 20)  # half the users: NDCG@10 0.5, HR@10 1
     rows = [{"label": "zero-shot", "metrics": str(runs / "x/zero_shot/metrics.json")},
             {"label": "SFT", "metrics": str(runs / "x/sft/metrics.json")}]  # fmt: skip
     spec = {"tables": {"t": {"columns": ["ndcg@10", "cold_ndcg@10"], "paired": ["zero-shot"], "rates": True,
-                             "plot": False, "rows": rows}}}  # fmt: skip
+                             "paired_metrics": ["ndcg@10", "hr@10"], "plot": False, "rows": rows}}}  # fmt: skip
     for folder in (runs / "x" / "zero_shot", runs / "x" / "sft"):
         body = json.loads((folder / "metrics.json").read_text())
         body["test"]["metrics"]["cold_ndcg@10"] = 0.25
@@ -132,10 +132,13 @@ def test_paired_columns_come_from_the_per_user_ranks(tmp_path):
     result = run_page(tmp_path, spec)
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "docs" / "results.md").read_text()
-    assert "| model | seeds | NDCG@10 | cold NDCG@10 | NDCG@10 vs zero-shot [95% CI] |" in page
+    assert ("| model | seeds | NDCG@10 | cold NDCG@10 | NDCG@10 vs zero-shot [95% CI] | HR@10 vs zero-shot [95% CI] |"
+            in page)  # fmt: skip
     sft = next(line for line in page.splitlines() if line.startswith("| SFT |"))
     low, high = (float(x) for x in sft.split("[")[1].split("]")[0].split(", "))
-    assert "| +0.5000 [" in sft and 0.3 < low < 0.5 < high < 0.7  # half the users gain 1: mean +0.5
+    assert "| +0.2500 [" in sft and 0.1 < low < 0.25 < high < 0.4  # half the users gain 0.5: mean +0.25
+    low, high = (float(x) for x in sft.split("[")[2].split("]")[0].split(", "))
+    assert "| +0.5000 [" in sft and 0.3 < low < 0.5 < high < 0.7  # half the users gain a hit: mean +0.5
     assert "| 0.2500 |" in sft and sft.endswith("| 1,000 | 12 | 90 | 61.5 | 0.500 | 321 |")
     zero = next(line for line in page.splitlines() if line.startswith("| zero-shot |"))
     assert "| - |" in zero  # no interval against itself
