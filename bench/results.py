@@ -129,8 +129,9 @@ def build_table(name: str, spec: dict) -> tuple[str, list[dict]]:
     columns, rates, paired = spec.get("columns", COLUMNS), spec.get("rates", False), spec.get("paired", [])
     pairs = [(label, metric) for label in paired for metric in spec.get("paired_metrics", ["ndcg@10"])]
     rate_columns = ["train CPU s", "train tokens / CPU s", "eval users / CPU s"] if rates else []
-    header = ["model", "seeds", *map(column_header, columns), *[f"{column_header(metric)} vs {label} [95% CI]" for label, metric in pairs],
-              "parameters", "train s", *rate_columns, "peak RSS MB"]  # fmt: skip
+    paired_headers = [f"{column_header(metric)} vs {label} [95% CI]" for label, metric in pairs]
+    header = ["model", "seeds", *map(column_header, columns), *paired_headers, "parameters", "train s", *rate_columns,
+              "peak RSS MB"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     protocol, summary = None, []
     found = {row["label"]: [read_run(p) for p in expand(row["metrics"])] for row in spec["rows"]}
