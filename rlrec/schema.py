@@ -2,7 +2,7 @@
 
 A recipe (`rlrec.recipe.Recipe`) holds one section per stage; `rlrec.config.load_config` builds these classes from
 YAML and CLI overrides and refuses unknown keys, wrong types and bad values (each class checks its cross-field
-rules in `__post_init__` and raises `ConfigError`). Every class is named `<Section>Config`. Three names match
+rules in `__post_init__` and raises `ConfigError`). Every class is named `<Section>Config`. Four names match
 classes of the libraries we build on: `SFTConfig`, `GRPOConfig` and `DPOConfig` (TRL's trainer arguments) and
 `LoraConfig` (PEFT's); the stages refer to those as `trl.SFTConfig`, `peft.LoraConfig`, so the two never mix.
 

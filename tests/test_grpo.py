@@ -102,14 +102,6 @@ def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     assert [json.loads(line)["step"] for line in (recipe.stage_dir("grpo") / "guard.jsonl").open()] == [0, 1]
 
 
-def test_shipped_grpo_recipes_parse():
-    paths = sorted((REPO / "recipes").rglob("grpo*.yaml"))
-    assert paths
-    for path in paths:
-        recipe = load_config(Recipe, path)
-        assert recipe.grpo is not None and recipe.grpo.rewards
-
-
 @pytest.mark.distributed
 @pytest.mark.slow(reason="two GRPO processes under accelerate launch: ~15 s")
 def test_grpo_two_cpu_processes(shared_data, sft_run, tmp_path):
@@ -175,4 +167,7 @@ def test_shipped_ablation_grids_parse(tmp_path):
         base = load_config(Recipe, REPO / (grid.recipe or "recipes/amazon18-scientific/grpo_sid.yaml"))
         for name in grid.names:
             cell = from_dict(Recipe, cell_recipe(base, grid, name, grid.seeds[0], tmp_path))
-            assert cell.section(grid.stage(name)) is not None
+            section = cell.section(grid.stage(name))  # raises when the cell lacks its stage's section
+            if grid.stage(name) == "grpo":
+                for reward in section.rewards:
+                    resolve(reward)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from rlrec.config import from_dict, load_config
+from rlrec.config import from_dict
 from rlrec.data.prepared import load_run_data
 from rlrec.decoding import ItemTrie, recommend
 from rlrec.errors import ConfigError, RlrecError
@@ -17,7 +17,7 @@ from rlrec.recipe import Recipe
 from rlrec.schema import LoraConfig, ModelConfig, TrainConfig
 from rlrec.stages.sft import run, train_sft
 from rlrec.stages.training import lora_config, resolve_precision
-from tests.conftest import REPO, launch, recipe_with_data, tiny_recipe
+from tests.conftest import launch, recipe_with_data, tiny_recipe
 
 
 def test_full_sft_changes_parameters_and_reports_metrics(shared_data, prepared, tmp_path):
@@ -113,12 +113,6 @@ def test_bad_inputs_fail_clearly(tmp_path):
         resolve_precision(TrainConfig(precision="bf16").precision)
 
 
-def test_shipped_sft_recipes_parse():
-    for path in sorted((REPO / "recipes").rglob("sft*.yaml")):
-        recipe = load_config(Recipe, path)
-        assert recipe.sft is not None and recipe.sft.resolved_finetune() in ("full", "lora")
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "config, extra, kind",
@@ -159,4 +153,5 @@ def test_tokenised_rows_are_cached_by_content_and_give_the_same_training(shared_
     other["sft"].update(max_length=96, train={**other["sft"]["train"], "resume": False})
     train_sft(from_dict(Recipe, other))  # other rows for TRL: a new key, and only it is kept
     assert "tokenised rows cached in" in capsys.readouterr().err
-    assert [p.name for p in cache.iterdir()] != [key]
+    keys = [p.name for p in cache.iterdir()]
+    assert len(keys) == 1 and keys[0] != key  # the new rows' key replaced the old one
