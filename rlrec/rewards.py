@@ -39,6 +39,7 @@ evaluation uses. Formulas and sources:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -55,7 +56,7 @@ from rlrec.errors import ConfigError, RlrecError
 from rlrec.items.embed import embed_texts
 from rlrec.items.index import CODE_IN_TEXT
 from rlrec.metrics import discount, ndcg_at_k
-from rlrec.schema import BEAM_RANK_REWARDS, DEFAULT_ENCODER
+from rlrec.schema import DEFAULT_ENCODER
 
 
 @dataclass
@@ -114,7 +115,6 @@ class ItemTables:
 
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
-NEEDS_RANK = BEAM_RANK_REWARDS  # defined for beam rollouts only
 
 
 def reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -249,7 +249,9 @@ def resolve(name: str) -> RewardFn:
     if name in REWARDS:
         return REWARDS[name]
     if "." not in name:
-        raise ConfigError(f"unknown reward '{name}'; built-in: {', '.join(sorted(REWARDS))}, or a dotted path")
+        near = difflib.get_close_matches(name, REWARDS, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(f"unknown reward '{name}': {hint}built-in: {', '.join(sorted(REWARDS))}, or a dotted path")
     module_name, _, attr = name.rpartition(".")
     if os.getcwd() not in sys.path:  # user rewards live in the project the command runs from (`rewards/...`)
         sys.path.insert(0, os.getcwd())

@@ -16,7 +16,7 @@ hard negatives with the model the previous round produced, trains against that m
 `round-<r>/model`. A rerun skips finished rounds and resumes an unfinished one from its last checkpoint.
 `dpo/train_log.jsonl` holds every round's TRL log (rewards/chosen, rewards/margins, ...) with its round number.
 
-Every round is eval-gated like GRPO (`rlrec.stages.posttrain`): it keeps the best weights on a validation slice,
+Every round is eval-gated like GRPO (`rlrec.stages.guard`): it keeps the best weights on a validation slice,
 the round's starting model included. The final model is `dpo/model`, evaluated on `eval_splits` in `metrics.json`.
 """
 
@@ -38,7 +38,7 @@ from rlrec.errors import RlrecError
 from rlrec.evaluate import check_ks
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe, stage_inputs
-from rlrec.schema import DPOConfig, EvalConfig
+from rlrec.schema import DPOConfig
 from rlrec.stages.diagnostics import Diagnostics
 from rlrec.stages.guard import make_guard
 from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
@@ -65,7 +65,7 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
                 round_index: int) -> dict:  # fmt: skip
     """Mine negatives with the model in `init`, train one preference round against it, save `out/model`."""
     timer = Timer()
-    eval_config = recipe.eval or EvalConfig()
+    eval_config = recipe.eval
     policy = load_policy(init, finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
     inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
@@ -146,7 +146,7 @@ def run(recipe: Recipe) -> dict | None:
     config: DPOConfig = recipe.section("dpo")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
+    check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("dpo")
     init = init_model_dir(recipe, config.init, "dpo")
     finetune = config.finetune

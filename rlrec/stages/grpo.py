@@ -11,7 +11,7 @@ so every completion is a real item. Two rollout modes:
 Rewards are `rlrec.rewards` functions with weights from the recipe. TRL's loss types, reward scaling, clipping and
 KL coefficient are exposed as they are.
 
-The guard (`rlrec.stages.posttrain`). A naive RL stage made a converged SFT model worse on real data
+The guard (`rlrec.stages.guard`). A naive RL stage made a converged SFT model worse on real data
 (docs/grpo.md: -34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a
 held-out slice of the validation users at step 0 and every `guard.eval_steps`, keeps the best weights, stops after
 `guard.patience` evaluations without a gain, and saves the best model: the stage can never return a model worse on
@@ -36,7 +36,7 @@ from rlrec.errors import RlrecError
 from rlrec.evaluate import check_ks
 from rlrec.recipe import Recipe, stage_inputs
 from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
-from rlrec.schema import EvalConfig, GRPOConfig, SASRecConfig
+from rlrec.schema import GRPOConfig, SASRecConfig
 from rlrec.stages.diagnostics import Diagnostics
 from rlrec.stages.guard import make_guard
 from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
@@ -161,9 +161,10 @@ def sasrec_teacher(recipe: Recipe, data: RunData):
 
 def run(recipe: Recipe) -> dict | None:
     config: GRPOConfig = recipe.section("grpo")
+    recipe.check()  # the reward names, before the model loads
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
+    check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("grpo")
     policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
@@ -198,7 +199,7 @@ def run(recipe: Recipe) -> dict | None:
     )
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
-    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out, inputs=inputs)
+    guard = make_guard(trainer.model, tokenizer, data, recipe.eval, config.guard, out, inputs=inputs)
     guard.attach(trainer)
     diagnostics = Diagnostics("grpo")
     trainer.add_callback(diagnostics)

@@ -30,7 +30,6 @@ from rlrec.evaluate import eval_rows, evaluate_generative, sample_protocol, writ
 from rlrec.manifest import write_manifest
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
-from rlrec.schema import EvalConfig
 from rlrec.stages.guard import Guard
 from rlrec.stages.training import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
 from rlrec.upstream import tensorboard_dir
@@ -114,7 +113,7 @@ def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Ite
 def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, summary: dict, splits: Iterable[str],
                    max_users: int | None, timer: Timer) -> dict:  # fmt: skip
     """Score `model` on `splits` and write `<stage>/metrics.json`, `ranks.json`, config.yaml and manifest.json."""
-    eval_config, splits = recipe.eval or EvalConfig(), list(splits)
+    eval_config, splits = recipe.eval, list(splits)
     # the same protocol fields as the baselines' reports (bench/results.py refuses to mix protocols)
     protocol = {
         **data.protocol,

@@ -41,7 +41,7 @@ def evaluate(recipe: Recipe, data: RunData, config: EvalConfig, rows) -> dict:
 
 
 def run(recipe: Recipe) -> dict:
-    config = recipe.eval or EvalConfig()
+    config = recipe.eval
     sasrec = recipe.sasrec or SASRecConfig()
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))

@@ -27,7 +27,7 @@ from rlrec.evaluate import check_ks
 from rlrec.models import BASE_MODEL_DIR, build_for_training
 from rlrec.prompts import mix_tasks
 from rlrec.recipe import Recipe, stage_inputs
-from rlrec.schema import EvalConfig, SFTConfig
+from rlrec.schema import SFTConfig
 from rlrec.stages.guard import make_guard
 from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
 from rlrec.stages.sft_cache import cache_key, load_cached, save_cached
@@ -61,7 +61,7 @@ def train_sft(recipe: Recipe):
     config: SFTConfig = recipe.section("sft")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
+    check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("sft")
     alignment = check_rows(config, data)
     texts = tokenizer_texts(data.dataset, data.catalog, with_titles=alignment)
@@ -98,7 +98,7 @@ def train_sft(recipe: Recipe):
     if config.select is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "guard.jsonl").unlink(missing_ok=True)
-        guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.select, out, "sft")
+        guard = make_guard(trainer.model, tokenizer, data, recipe.eval, config.select, out, "sft")
         guard.attach(trainer)
     details = f"{finetune} fine-tuning, {config.rows} rows: {len(train_dataset):,} rows, {targets:,} targets an epoch"
     summary = fit(trainer, out, "sft", details, config.train.resume, stage_inputs(recipe, "sft"))
