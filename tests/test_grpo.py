@@ -18,7 +18,7 @@ from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
 from rlrec.schema import EvalConfig, GuardConfig
 from rlrec.stages.grpo import run as run_grpo
-from rlrec.stages.guard import make_guard
+from rlrec.training.guard import make_guard
 from tests.conftest import REPO, launch, tiny_recipe
 
 SEEN: list = []  # items the probe reward saw
@@ -90,7 +90,7 @@ def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     guard = make_guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, patience=1),
                        recipe.stage_dir("grpo"))  # fmt: skip
-    recipe.stage_dir("grpo").mkdir(parents=True)
+    assert recipe.stage_dir("grpo").is_dir()  # the guard makes its folder (its curve goes there)
     control = TrainerControl()
     guard.evaluate(0, control)
     with torch.no_grad():  # ruin it: every logit equal, so no ranking beats the trained one

@@ -18,7 +18,7 @@ from rlrec.config import from_dict, load_config
 from rlrec.errors import ConfigError
 from rlrec.pipeline import stage_keys
 from rlrec.recipe import ORDER, PipelineConfig, Recipe, stage_inputs, stage_needs
-from rlrec.stages.training import last_checkpoint
+from rlrec.training.arguments import last_checkpoint
 from tests.conftest import REPO, tiny_pipeline
 
 MAX_STEPS = 120

@@ -21,7 +21,7 @@ from rlrec.stages import data as data_stage
 from rlrec.stages import grpo, sasrec
 from rlrec.stages.grpo import item_tables
 from rlrec.stages.posttrain import train_prompts
-from rlrec.stages.sft_rows import sequence_rows, target_rows
+from rlrec.training.sft_rows import sequence_rows, target_rows
 from tests.conftest import tiny_pipeline
 
 

@@ -20,8 +20,8 @@ from rlrec.recipe import Recipe
 from rlrec.schema import EvalConfig, GuardConfig, ModelConfig, PromptConfig
 from rlrec.stages import data as data_stage
 from rlrec.stages import sft
-from rlrec.stages.guard import make_guard
-from rlrec.stages.sft_rows import sequence_rows, target_rows
+from rlrec.training.guard import make_guard
+from rlrec.training.sft_rows import sequence_rows, target_rows
 from tests.conftest import tiny_pipeline, tiny_recipe
 
 SCIENTIFIC_TRAIN_ROWS = 58_492 - 3 * 8_317  # every training transition under leave-one-out

@@ -16,7 +16,7 @@ from rlrec.models import build_for_training, load_model
 from rlrec.recipe import Recipe
 from rlrec.schema import LoraConfig, ModelConfig, TrainConfig
 from rlrec.stages.sft import run, train_sft
-from rlrec.stages.training import lora_config, resolve_precision
+from rlrec.training.arguments import lora_config, resolve_precision
 from tests.conftest import launch, recipe_with_data, tiny_recipe
 
 

@@ -1,5 +1,5 @@
 """The prepared data folder, `runs/<name>/data/`: written by the data stage, read by every later stage (SFT adds its
-tokenised-row cache under `data/tokenised/`, keyed by what the rows depend on: rlrec.stages.sft_cache).
+tokenised-row cache under `data/tokenised/`, keyed by what the rows depend on: rlrec.training.sft_cache).
 
     dataset/          DatasetDict (train / valid / test) of prompt, completion, target, history, user
     catalog.jsonl     one item a line: item_id, title, identifier, attributes (catalogue order)

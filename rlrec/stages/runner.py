@@ -3,9 +3,9 @@ point under `accelerate launch`.
 
 A training stage (sft, grpo, dpo) reads top to bottom as
     trainer = build_trainer("grpo", out, lambda: GRPOTrainer(...))   # a set-up ValueError -> one-line RlrecError
-    summary = fit(trainer, out, "grpo", "...what is trained...", resume)   # banner, resume, train, train_log.jsonl
-    ... save the model ...
+    summary, saved_step = train_and_save(trainer, out, "grpo", "...what is trained...", resume, inputs, guard, ...)
     finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)
+(`train_and_save`: the guard, `fit`'s banner, resume, training and train_log.jsonl, the best weights, the save).
 and every stage, trained or not, ends with `write_outputs`: `metrics.json`, the resolved `config.yaml` and
 `manifest.json` (inputs with hashes, versions, seed, wall time, peak memory) in `runs/<name>/<stage>/`.
 """
@@ -30,8 +30,9 @@ from rlrec.evaluate import eval_rows, evaluate_generative, sample_protocol, writ
 from rlrec.manifest import write_manifest
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
-from rlrec.stages.guard import Guard
-from rlrec.stages.training import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
+from rlrec.stages.posttrain import Policy, copy_base_model
+from rlrec.training.arguments import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
+from rlrec.training.guard import Guard
 from rlrec.upstream import tensorboard_dir
 
 T = TypeVar("T")
@@ -89,6 +90,22 @@ def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict
         "trainable_parameters": trainable_parameters(trainer.model),
         **training_rate(trainer, time.process_time() - cpu_started, checkpoint),
     }  # fmt: skip
+
+
+def train_and_save(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict, guard: Guard | None,
+                   keep_best: bool, policy: Policy | None = None) -> tuple[dict, int]:  # fmt: skip
+    """The tail every training stage ends with: attach the guard (when the stage has one), `fit`, keep the guard's
+    best weights (or the last ones), save `out/model` (and, for an adapter on a from-scratch base, that base
+    beside it), and wait for every process. Returns (fit's summary, the step whose weights were saved)."""
+    if guard is not None:
+        guard.attach(trainer)
+    summary = fit(trainer, out, label, details, resume, inputs)
+    saved_step = guard.restore_best() if guard is not None and keep_best else trainer.state.global_step
+    trainer.save_model(str(out / "model"))
+    if policy is not None:
+        copy_base_model(policy, out)
+    trainer.accelerator.wait_for_everyone()
+    return summary, saved_step
 
 
 def training_rate(trainer, cpu_seconds: float, checkpoint: str | None) -> dict:

@@ -35,7 +35,7 @@ from rlrec.data.prepared import RunData
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.evaluate import evaluate_generative
 from rlrec.schema import EvalConfig, GuardConfig
-from rlrec.stages.training import is_main_process
+from rlrec.training.arguments import is_main_process
 
 STATE_FILE = "guard_state.json"
 BEST_FILE = "guard_best.safetensors"
@@ -60,6 +60,9 @@ class Guard(TrainerCallback):
         self.trainer = None
         self.started = (time.time(), time.process_time())  # reset when training begins: time into training
         self.eval_cpu_seconds = 0.0  # spent evaluating, so that the stage's training rate leaves it out
+        out.mkdir(parents=True, exist_ok=True)
+        if is_main_process():  # a new guard, a new curve (a resumed one rewrites it from its checkpoint's state)
+            (out / "guard.jsonl").unlink(missing_ok=True)
 
     def attach(self, trainer) -> Guard:
         """Add the guard to `trainer`; its evaluations then also go to the trainer's log."""
