@@ -24,7 +24,7 @@ from typing import Literal
 
 from rlrec.config import to_dict
 from rlrec.errors import ConfigError
-from rlrec.rewards import resolve
+from rlrec.rewards import check_rewards
 from rlrec.schema import (
     DataConfig,
     DPOConfig,
@@ -145,11 +145,10 @@ class Recipe:
 
     def check(self) -> None:
         """What can be checked before any model or dataset loads: the GRPO reward names resolve (a misspelled one
-        fails in a second, naming the nearest, instead of after a model load). Run by the CLI, the pipeline and
-        the GRPO stage itself."""
+        fails in a second, naming the nearest, instead of after a model load) and suit the rollout. Run by the CLI,
+        the pipeline and the GRPO stage itself."""
         if self.grpo is not None:
-            for name in self.grpo.rewards:
-                resolve(name)
+            check_rewards(self.grpo.rewards, self.grpo.rollout)
 
     def latest_model(self) -> Path | None:
         """The model of the run's last policy stage in the stage order (dpo, grpo, then sft), if any."""

@@ -31,8 +31,6 @@ from rlrec.metrics import DEFAULT_KS
 SourceFormat = Literal["movielens", "lcrec", "minionerec", "generic", "synthetic"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
-# Rewards defined on beam ranks (rlrec.rewards): a sample rollout has no ranks to give them.
-BEAM_RANK_REWARDS = frozenset({"rank_penalty", "ndcg"})
 # the item identifier kinds, as rlrec.items.identifiers.IDENTIFIERS names them (a test keeps the two equal): this
 # module imports no rlrec library, so the names are repeated here for the recipe check
 IDENTIFIER_KINDS: tuple[str, ...] = ("title", "id", "sid")
@@ -492,10 +490,6 @@ class GRPOConfig(PostTrainConfig):
         unknown = set(self.reward_params) - set(self.rewards)
         if unknown:
             raise ConfigError(f"grpo.reward_params names rewards not in grpo.rewards: {sorted(unknown)}")
-        if self.rollout == "sample":
-            ranked = BEAM_RANK_REWARDS & set(self.rewards)
-            if ranked:
-                raise ConfigError(f"grpo.rewards {sorted(ranked)} need beam ranks; use grpo.rollout: beam")
         if self.temperature <= 0 or self.prompts_per_device < 1:
             raise ConfigError("grpo: temperature > 0 and prompts_per_device >= 1 are required")
         completions = self.prompts_per_device * self.num_generations

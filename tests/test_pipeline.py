@@ -19,7 +19,7 @@ from rlrec.errors import ConfigError
 from rlrec.pipeline import stage_keys
 from rlrec.recipe import ORDER, PipelineConfig, Recipe, stage_inputs, stage_needs
 from rlrec.training.arguments import last_checkpoint
-from tests.conftest import REPO, tiny_pipeline
+from tests.conftest import RECIPES, REPO, tiny_pipeline
 
 MAX_STEPS = 120
 
@@ -72,7 +72,7 @@ def test_keys_follow_the_stage_graph_not_the_stage_order(tmp_path):
     assert "zero_shot" not in changed_keys(raw, lambda r: r["sft"]["train"].update(learning_rate=0.03))
     assert "zero_shot" in changed_keys(raw, lambda r: r["sft"]["model"].update(dtype="bfloat16"))
     # the stage order is a run order of the graph: every stage after the stages it needs, for every recipe
-    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+    for path in RECIPES:
         recipe = load_config(Recipe, path)
         for stage in ORDER:
             assert all(ORDER.index(need) < ORDER.index(stage) for need in stage_needs(recipe, stage)), (path, stage)

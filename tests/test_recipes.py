@@ -7,9 +7,7 @@ import pytest
 from rlrec.config import load_config
 from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
-from tests.conftest import REPO
-
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+from tests.conftest import RECIPES, REPO
 
 
 def test_there_are_recipes():

@@ -22,7 +22,7 @@ from rlrec.recipe import Recipe
 from rlrec.stages import data as data_stage
 from rlrec.stages import grpo, sft
 from rlrec.stages import sasrec as sasrec_stage
-from tests.conftest import REPO, run_cli, tiny_pipeline
+from tests.conftest import REPO, grpo_recipe, run_cli, tiny_pipeline
 
 
 def guarded_recipe(out: Path, **train) -> dict:
@@ -72,7 +72,6 @@ def test_a_resumed_grpo_run_saves_the_best_of_the_whole_curve(shared_data, sft_r
     """GRPO with the guard every 2 steps and a learning rate that makes validation move: a run killed after
     checkpoint 4 (a copy holding only data, SFT and that checkpoint) resumes with evaluations 0, 2 and 4 and saves
     the same best step as the uninterrupted run chose from the same evaluations."""
-    from tests.test_grpo import grpo_recipe
 
     def raw(out: Path) -> dict:
         out.mkdir()

@@ -48,7 +48,7 @@ def test_full_sft_changes_parameters_and_reports_metrics(shared_data, prepared, 
 def test_lora_trains_identifier_tokens_and_adapter_reloads(shared_data, prepared, tmp_path, mode):
     recipe = recipe_with_data(shared_data, prepared, tmp_path, finetune="lora", identifier_tokens=mode,
                               lora={"r": 4, "alpha": 8})  # fmt: skip
-    trainer, _, summary, _ = train_sft(recipe)
+    trainer, _, summary, _, _ = train_sft(recipe)
     out = recipe.stage_dir("sft")
     assert summary["finetune"] == "lora" and summary["trainable_parameters"] < summary["parameters"]
     reloaded, tokenizer = load_model(out / "model")
@@ -81,14 +81,14 @@ def test_lora_trains_identifier_tokens_and_adapter_reloads(shared_data, prepared
 
 def test_resume_from_last_checkpoint_does_not_redo_steps(shared_data, prepared, tmp_path):
     recipe = recipe_with_data(shared_data, prepared, tmp_path)
-    _, _, first, _ = train_sft(recipe)
+    _, _, first, _, _ = train_sft(recipe)
     out = recipe.stage_dir("sft")
     assert first["global_step"] == 4 and first["resumed_from"] is None
     longer = from_dict(Recipe, {**tiny_recipe(shared_data, tmp_path),
                                 "sft": {**tiny_recipe(shared_data, tmp_path)["sft"],
                                         "train": {**tiny_recipe(shared_data, tmp_path)["sft"]["train"],
                                                   "max_steps": 6}}})  # fmt: skip
-    _, _, second, _ = train_sft(longer)
+    _, _, second, _, _ = train_sft(longer)
     assert second["resumed_from"].endswith("checkpoint-4") and second["global_step"] == 6
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in log if "loss" in row]

@@ -44,16 +44,15 @@ from rlrec.stages.runner import (
     Timer,
     build_trainer,
     finish,
-    is_main_process,
     policy_report,
     stage_main,
     train_and_save,
     world_size,
     write_json,
 )
-from rlrec.training.arguments import training_arguments, wants_plain_lm_head
+from rlrec.training.arguments import is_main_process, training_arguments, wants_plain_lm_head
 from rlrec.training.diagnostics import Diagnostics
-from rlrec.training.guard import make_guard
+from rlrec.training.guard import Guard
 from rlrec.training.preferences import build_preferences, mine_hard_negatives, tokenize_preferences
 from rlrec.training.sdpo import MultiNegativeCollator, sdpo_step
 from rlrec.upstream import copy_reference_tokens, preference_trainer, unfuse_lm_head, unwrap_peft
@@ -115,7 +114,7 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
         unfuse_lm_head(unwrap_peft(trainer.model))
         if trainer.ref_model is not None:
             unfuse_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model))
-    guard = make_guard(trainer.model, tokenizer, data, eval_config, config.guard, out, label="dpo", inputs=inputs)
+    guard = Guard(trainer.model, tokenizer, data, eval_config, config.guard, out, "dpo", inputs)
     diagnostics = Diagnostics(f"dpo round {round_index}")
     trainer.add_callback(diagnostics)
     details = (f"{config.loss} ({policy.finetune}) from {init}, {report['prompts']:,} prompts x "

@@ -42,14 +42,13 @@ from rlrec.stages.runner import (
     Timer,
     build_trainer,
     finish,
-    is_main_process,
     policy_report,
     stage_main,
     train_and_save,
 )
-from rlrec.training.arguments import training_arguments, wants_plain_lm_head
+from rlrec.training.arguments import is_main_process, training_arguments, wants_plain_lm_head
 from rlrec.training.diagnostics import Diagnostics
-from rlrec.training.guard import make_guard
+from rlrec.training.guard import Guard
 from rlrec.upstream import grpo_trainer, unfuse_lm_head, unwrap_peft
 
 # --- rollouts ---------------------------------------------------------------------------------------------------
@@ -205,7 +204,7 @@ def run(recipe: Recipe) -> dict | None:
     )
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
-    guard = make_guard(trainer.model, tokenizer, data, recipe.eval, config.guard, out, inputs=inputs)
+    guard = Guard(trainer.model, tokenizer, data, recipe.eval, config.guard, out, "grpo", inputs)
     diagnostics = Diagnostics("grpo")
     trainer.add_callback(diagnostics)
     details = (f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts G={config.num_generations}"
@@ -219,7 +218,7 @@ def run(recipe: Recipe) -> dict | None:
                    warnings=diagnostics.warnings + guard.warnings)  # fmt: skip
     if not is_main_process():
         return None
-    return finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)
+    return finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer, inputs)
 
 
 def report(recipe: Recipe, metrics: dict) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 
 from rlrec.config import dump_config, load_config
 from rlrec.data.prepared import RunData
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError, run_reporting_errors
 from rlrec.evaluate import eval_rows, evaluate_generative, sample_protocol, write_ranks
 from rlrec.manifest import write_manifest
@@ -120,15 +121,16 @@ def training_rate(trainer, cpu_seconds: float, checkpoint: str | None) -> dict:
 
 
 def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Iterable[str],
-           max_users: int | None, timer: Timer) -> dict:  # fmt: skip
-    """Evaluate the stage's saved model on `splits` (the run's evaluation users, `eval_rows`; the first `max_users`
-    of them) and write the stage's files."""
+           max_users: int | None, timer: Timer, inputs: ModelInputs | None = None) -> dict:  # fmt: skip
+    """Evaluate the stage's saved model (reloaded: the artifact that is published) on `splits` (the run's
+    evaluation users, `eval_rows`; the first `max_users` of them) and write the stage's files. `inputs`: the
+    stage's prompt encoding and trie, when it built them (the saved tokenizer is the one they were built with)."""
     model, tokenizer = load_model(recipe.stage_dir(stage) / "model")
-    return evaluate_stage(recipe, stage, model, tokenizer, data, summary, splits, max_users, timer)
+    return evaluate_stage(recipe, stage, model, tokenizer, data, summary, splits, max_users, timer, inputs)
 
 
 def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, summary: dict, splits: Iterable[str],
-                   max_users: int | None, timer: Timer) -> dict:  # fmt: skip
+                   max_users: int | None, timer: Timer, inputs: ModelInputs | None = None) -> dict:  # fmt: skip
     """Score `model` on `splits` and write `<stage>/metrics.json`, `ranks.json`, config.yaml and manifest.json."""
     eval_config, splits = recipe.eval, list(splits)
     # the same protocol fields as the baselines' reports (bench/results.py refuses to mix protocols)
@@ -143,7 +145,7 @@ def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, 
     metrics, ranks = {"protocol": protocol, "training": summary}, {}
     for split in splits:
         rows = eval_rows(data, split, eval_config, max_users)
-        result = evaluate_generative(model, tokenizer, data, eval_config, rows)
+        result = evaluate_generative(model, tokenizer, data, eval_config, rows, inputs)
         ranks[split] = (rows, {stage: result.pop("ranks")})
         metrics[split] = {**result, "num_users": len(rows)}
     write_ranks(recipe.stage_dir(stage), ranks)

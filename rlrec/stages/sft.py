@@ -32,13 +32,12 @@ from rlrec.stages.runner import (
     Timer,
     build_trainer,
     finish,
-    is_main_process,
     policy_report,
     stage_main,
     train_and_save,
 )
-from rlrec.training.arguments import lora_config, training_arguments, wants_plain_lm_head
-from rlrec.training.guard import make_guard
+from rlrec.training.arguments import is_main_process, lora_config, training_arguments, wants_plain_lm_head
+from rlrec.training.guard import Guard
 from rlrec.training.sft_cache import cache_key, load_cached, save_cached
 from rlrec.training.sft_rows import sequence_rows, target_rows
 from rlrec.upstream import unfuse_lm_head, unwrap_peft
@@ -57,15 +56,16 @@ def tokenizer_texts(dataset, catalog: list[dict], with_titles: bool, rows_per_sp
 
 def run(recipe: Recipe) -> dict | None:
     """Train, save, and (on the main process) evaluate; return the metrics there, None elsewhere."""
-    _, data, summary, timer = train_sft(recipe)
+    _, data, summary, timer, inputs = train_sft(recipe)
     if not is_main_process():
         return None
     config: SFTConfig = recipe.section("sft")
-    return finish(recipe, "sft", data, summary, config.eval_splits, config.eval_max_users, timer)
+    return finish(recipe, "sft", data, summary, config.eval_splits, config.eval_max_users, timer, inputs)
 
 
 def train_sft(recipe: Recipe):
-    """Train and save `runs/<name>/sft/model`; return (trainer, run data, summary, timer)."""
+    """Train and save `runs/<name>/sft/model`; return (trainer, run data, summary, timer, the prompt encoding and
+    trie: built once here for the rows, the guard and the final evaluation)."""
     config: SFTConfig = recipe.section("sft")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
@@ -79,7 +79,8 @@ def train_sft(recipe: Recipe):
     if peft_config is not None and config.model.from_scratch and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out / BASE_MODEL_DIR)  # the adapter's base: random weights nobody else has
-    train_dataset = training_rows(config, data, tokenizer, recipe.seed)
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
+    train_dataset = training_rows(config, data, inputs, recipe.seed)
     if config.max_train_rows is not None and config.max_train_rows < len(train_dataset):
         train_dataset = train_dataset.select(range(config.max_train_rows))  # already shuffled
     targets = sum(train_dataset["targets"]) if "targets" in train_dataset.column_names else len(train_dataset)
@@ -108,7 +109,7 @@ def train_sft(recipe: Recipe):
         trainer.label_smoother = None  # smoothed inside the plain head, on the labelled positions only
     guard = None
     if config.select is not None:
-        guard = make_guard(trainer.model, tokenizer, data, recipe.eval, config.select, out, "sft")
+        guard = Guard(trainer.model, tokenizer, data, recipe.eval, config.select, out, "sft", inputs)
     details = f"{finetune} fine-tuning, {config.rows} rows: {len(train_dataset):,} rows, {targets:,} targets an epoch"
     keep_best = config.select is not None and config.select.keep_best
     summary, saved_step = train_and_save(trainer, out, "sft", details, config.train.resume,
@@ -120,12 +121,12 @@ def train_sft(recipe: Recipe):
                    targets_per_second=round(targets * trainer.state.epoch / max(train_seconds, 1e-9), 1),
                    saved_step=saved_step, guard=guard.history if guard is not None else [],
                    warnings=guard.warnings if guard is not None else [])  # fmt: skip
-    return trainer, data, summary, timer
+    return trainer, data, summary, timer, inputs
 
 
 def check_rows(config: SFTConfig, data: RunData) -> bool:
     """Refuse row settings the prepared data cannot give; return whether alignment tasks are on."""
-    identifier, prompt_format = data.stats["identifier"], data.prompt.format
+    identifier, prompt_format = data.prompt.identifier, data.prompt.format
     if "train" not in data.dataset:
         raise ConfigError(f"{data.path}: the prepared data has no train split (an export without one, as "
                           "MiniOneRec's: set data.split.train_from: valid and prepare again)")  # fmt: skip
@@ -140,7 +141,7 @@ def check_rows(config: SFTConfig, data: RunData) -> bool:
     return alignment
 
 
-def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dataset:
+def training_rows(config: SFTConfig, data: RunData, inputs: ModelInputs, seed: int) -> Dataset:
     """The training set, shuffled: chat rows (next item plus the alignment tasks), or, in the sequence prompt
     format, tokenised target or sequence rows (rlrec.training.sft_rows)."""
     if data.prompt.format == "chat":
@@ -150,7 +151,6 @@ def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dat
         if config.rows_per_user is not None:
             train = train.select(last_rows(train, config.rows_per_user))
         return mix_tasks(train, data.catalog, weights, seed)
-    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     if config.rows == "sequence":
         rows = sequence_rows(data, inputs, config.min_history, config.hold_out_last, config.rows_per_user)
     else:

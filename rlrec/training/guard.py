@@ -42,6 +42,10 @@ BEST_FILE = "guard_best.safetensors"
 
 
 class Guard(TrainerCallback):
+    """The guard of one stage's training (see the module docstring): `label` names the stage in its messages;
+    `inputs` are the run's prompt encoding and trie when the stage has them already (built once, not at every
+    evaluation)."""
+
     def __init__(self, model, tokenizer, data: RunData, eval_config: EvalConfig, config: GuardConfig, out: Path,
                  label: str, inputs: ModelInputs | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer, self.data, self.config, self.out, self.label = (
@@ -185,10 +189,3 @@ class Guard(TrainerCallback):
                     if name in self.best_state:
                         p.copy_(self.best_state[name].to(p.device))
         return self.best[1]
-
-
-def make_guard(model, tokenizer, data: RunData, eval_config: EvalConfig, config: GuardConfig, out: Path,
-               label: str = "grpo", inputs: ModelInputs | None = None) -> Guard:  # fmt: skip
-    """The guard for a stage's model (see the module docstring); `inputs` are the run's prompt encoding and trie
-    when the stage has them already (they are built once, not at every evaluation)."""
-    return Guard(model, tokenizer, data, eval_config, config, out, label, inputs)
