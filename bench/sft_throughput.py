@@ -4,7 +4,7 @@ Layouts compared on the same prepared data (its training split, its identifiers)
 each trained for the same number of steps with TRL's SFTTrainer:
   chat-compact    one chat row per target, prompt "History: <ids>" (the baseline the ratios are against)
   chat-english    one chat row per target, the English default prompt ("The user interacted with these items ...")
-  seq-target      the sequence prompt format, one row per target (rlrec.stages.sft_rows.target_rows)
+  seq-target      the sequence prompt format, one row per target (rlrec.training.sft_rows.target_rows)
   seq-rows        the sequence prompt format, one row per user window, a loss on every item (sequence_rows)
 The CPU time is the process's own (user + system) during `trainer.train()`, so other jobs on the machine do not
 distort it. Targets per step = the batch's rows times the mean targets a row holds.
@@ -32,7 +32,7 @@ from rlrec.decoding.inputs import ModelInputs
 from rlrec.models import build_tokenizer, tiny_phi
 from rlrec.prompts import prompt_messages
 from rlrec.schema import PromptConfig
-from rlrec.stages.sft_rows import sequence_rows, target_rows
+from rlrec.training.sft_rows import sequence_rows, target_rows
 from rlrec.upstream import unfuse_lm_head
 
 COMPACT = PromptConfig(identifier="sid", template="History: {history}", separator=" ")

@@ -4,7 +4,7 @@
         --out docs/img/tradeoff.png
 
 Each `--results` is the `results.json` that `rlrec ablate` writes for a grid whose reward sets differ in one
-weight (rewards/ablations/tradeoff_*.yaml). Every point is a reward set (mean over its seeds, error bars the
+weight (recipes/<dataset>/ablations/tradeoff_*.yaml). Every point is a reward set (mean over its seeds, error bars the
 sample std), the SFT model it started from is the star; the dataset is one column of panels. The table it prints
 (markdown) gives each point's numbers and its change against the SFT start: the curve a product team reads to
 pick a weight.

@@ -1,7 +1,7 @@
 """Ablations: run a post-training stage once per (variant, seed) from the same SFT model, and tabulate.
 
-    rlrec ablate --config rewards/ablations/<grid>.yaml [--jobs 2]            # the grid names its recipe
-    rlrec ablate --config recipes/<dataset>/grpo_<x>.yaml --grid rewards/ablations/<grid>.yaml
+    rlrec ablate --config recipes/<dataset>/ablations/<grid>.yaml [--jobs 2]  # the grid names its recipe
+    rlrec ablate --config recipes/<dataset>/grpo_<x>.yaml --grid recipes/<dataset>/ablations/<grid>.yaml
 
 A grid varies either GRPO's rewards (`reward_sets`: name -> {reward: weight}) or whole stages (`variants`: name ->
 {stage: grpo | dpo, overrides: {...recipe keys...}}), e.g. GRPO against DPO against S-DPO from one SFT model.
@@ -215,21 +215,30 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
     print(f"rlrec ablate: {len(grid.names)} variants x {len(grid.seeds)} seeds, {len(pending)} to run, "
           f"{jobs} at a time -> {out}", flush=True)  # fmt: skip
     failed = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            recipe, stage = pending.pop(0)
-            log = (recipe.run_dir / f"{stage}.log").open("w")
-            command = [sys.executable, "-m", "rlrec.cli", stage, "--config", str(cells / f"{recipe.name}.yaml")]
-            running.append((recipe, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time()))
-        time.sleep(2)
-        for entry in list(running):
-            recipe, process, started = entry
-            if process.poll() is not None:
-                running.remove(entry)
-                status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-                print(f"  {recipe.name}: {status} in {time.time() - started:.0f} s", flush=True)
-                if process.returncode:
-                    failed.append(recipe.name)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                recipe, stage = pending.pop(0)
+                log = (recipe.run_dir / f"{stage}.log").open("w")
+                command = [sys.executable, "-m", "rlrec.cli", stage, "--config", str(cells / f"{recipe.name}.yaml")]
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                running.append((recipe, process, time.time(), log))
+            time.sleep(2)
+            for entry in list(running):
+                recipe, process, started, log = entry
+                if process.poll() is not None:
+                    running.remove(entry)
+                    log.close()
+                    status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                    print(f"  {recipe.name}: {status} in {time.time() - started:.0f} s", flush=True)
+                    if process.returncode:
+                        failed.append(recipe.name)
+    finally:  # stopped (SIGTERM arrives as rlrec.errors.Stopped, Ctrl-C) or failed: no cell keeps training alone
+        for _, process, _, _ in running:
+            process.terminate()  # SIGTERM: the cell's own CLI stops its trainer, what it checkpointed resumes
+        for _, process, _, log in running:
+            process.wait(timeout=120)
+            log.close()
     if failed:
         raise RlrecError(f"ablation cells failed: {', '.join(failed)}; see {cells}/<cell>/<stage>.log")
     return collect(base, grid, out)
@@ -268,7 +277,7 @@ def collect(base: Recipe, grid: AblationGrid, out: Path) -> dict:
     split = splits.pop()
     results = {}
     for name in grid.names:
-        stage, runs = grid.stage(name), []
+        stage, runs, methods, rewards = grid.stage(name), [], set(), dict(grid.reward_sets.get(name) or {})
         for seed in grid.seeds:
             cell_dir = out / "cells" / f"{name}-s{seed}"
             metrics = json.loads((cell_dir / stage / "metrics.json").read_text())
@@ -276,8 +285,12 @@ def collect(base: Recipe, grid: AblationGrid, out: Path) -> dict:
             runs.append({"seed": seed, "metrics": metrics[split]["metrics"], "guard": guard_curve(training),
                          "saved_step": training["saved_step"], "global_step": training["global_step"],
                          "reward_curve": reward_curve(cell_dir / stage / "train_log.jsonl")})  # fmt: skip
-        rewards = grid.reward_sets.get(name) or (training.get("rewards", {}) if stage == "grpo" else {})
-        method = "GRPO" if stage == "grpo" else {"dpo": "DPO", "sdpo": "S-DPO"}[training["loss"]]
+            methods.add("GRPO" if stage == "grpo" else {"dpo": "DPO", "sdpo": "S-DPO"}[training["loss"]])
+            if stage == "grpo" and not grid.reward_sets.get(name):
+                rewards = training.get("rewards", {})
+        if len(methods) > 1:  # a variant's seeds differ only in their seed: anything else is a broken cell folder
+            raise RlrecError(f"variant {name}: its seeds ran different methods {sorted(methods)}; see {out / 'cells'}")
+        method = methods.pop()
         results[name] = {
             "stage": stage, "method": method, "rewards": rewards, "runs": runs,
             "saved_steps": [r["saved_step"] for r in runs],

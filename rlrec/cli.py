@@ -16,7 +16,7 @@ from rlrec.ablate import run_ablation
 from rlrec.config import load_config
 from rlrec.errors import RlrecError, run_reporting_errors
 from rlrec.pipeline import run_pipeline
-from rlrec.recipe import Recipe
+from rlrec.recipe import STAGES, Recipe
 
 # The modules that need torch and TRL (the stages, publishing) are imported by name when their command runs, so
 # that `rlrec --help` and a config error answer at once.
@@ -25,12 +25,15 @@ from rlrec.recipe import Recipe
 def _stage(args: argparse.Namespace, overrides: list[str]) -> None:
     """A stage command: `rlrec.stages.<stage>.run(recipe)`, then print what the stage's `report` says."""
     recipe = load_config(Recipe, args.config, overrides)  # a recipe error answers before torch is imported
+    recipe.check()
     stage = importlib.import_module(f"rlrec.stages.{args.stage_module}")
     print("\n".join(stage.report(recipe, stage.run(recipe))))
 
 
 def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
-    run_pipeline(load_config(Recipe, args.config, overrides))
+    recipe = load_config(Recipe, args.config, overrides)
+    recipe.check()
+    run_pipeline(recipe)
 
 
 def _publish(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -49,15 +52,7 @@ def _ablate(args: argparse.Namespace, overrides: list[str]) -> None:
 Handler = Callable[[argparse.Namespace, list[str]], None]
 # command words -> (help, the stage it runs, or a handler of its own)
 COMMANDS: dict[tuple[str, ...], tuple[str, str | Handler]] = {
-    ("items", "build"): ("item text -> collision-free semantic-ID index in runs/<name>/items", "items"),
-    ("data", "prepare"): ("interaction logs -> recommendation-as-text datasets in runs/<name>/data", "data"),
-    ("baseline", "most_popular"): ("score the most-popular baseline on the run's split", "most_popular"),
-    ("baseline", "sasrec"): ("train SASRec with early stopping on valid NDCG@10, then score it", "sasrec"),
-    ("baseline", "zero_shot"): ("score the pretrained model of sft.model before any training", "zero_shot"),
-    ("sft",): ("supervised fine-tuning (LoRA or full) on history -> next item, then evaluation", "sft"),
-    ("grpo",): ("GRPO from the SFT model with verifiable ranking rewards and trie-constrained rollouts", "grpo"),
-    ("dpo",): ("DPO or multi-negative S-DPO from the SFT model, with mined hard negatives", "dpo"),
-    ("eval",): ("full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval", "eval"),
+    **{stage.words: (stage.help, stage.name) for stage in STAGES},  # every stage is a command of its own
     ("pipeline",): ("items -> data -> baselines -> sft -> grpo/dpo -> eval, skipping finished stages", _pipeline),
     ("publish",): ("a trained stage -> Hugging Face Hub repo (adapter, tokenizer, catalogue, model card)", _publish),
     ("ablate",): ("GRPO / DPO once per (variant, seed) of a grid from the same SFT model, then a table", _ablate),

@@ -1,7 +1,8 @@
 """One strict config system for every command: YAML file -> typed dataclasses, CLI overrides on top.
 
-Every stage declares its config as (nested) dataclasses with precise types (`Literal` where a choice belongs) and
-checks cross-field rules in `__post_init__` by raising `ConfigError`. `load_config` then guarantees:
+Every stage's config section is a (nested) dataclass in `rlrec.schema` with precise types (`Literal` where a
+choice belongs) that checks cross-field rules in `__post_init__` by raising `ConfigError`. `load_config` then
+guarantees:
 
 - an unknown key fails and names the nearest valid key (no silent typo such as `max_histroy`);
 - a duplicated key in the YAML fails (PyYAML would silently keep the last one);
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 (PyYAML) reads `1e-5` and `3e4` as strings: a float needs a dot there. People write learning rates that
+# way, so numbers with an exponent and no dot are floats here, as in YAML 1.2 and Python.
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))  # fmt: skip
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -214,7 +220,7 @@ def parse_overrides(args: Sequence[str]) -> dict:
             raise ConfigError(f"cannot read override {token!r}: use --section.key VALUE or section.key=VALUE")
         dotted = dotted.removeprefix("--")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""  # noqa: S506 - SafeLoader subclass
         except yaml.YAMLError:
             value = raw
         node = result

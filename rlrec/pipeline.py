@@ -10,10 +10,12 @@ Data, items, baselines and eval run in this process; the training stages (sft, g
 recipe (`runs/<name>/recipe.yaml`), so one recipe scales from a CPU to N GPUs by changing one line.
 
 Skipping and resuming (the make / DVC idea, with keys instead of timestamps): every stage has a key, the hash of
-the recipe sections it reads and of the keys of all stages before it. A finished stage records its key in its
+the recipe sections it reads and of the inputs of the stages it needs (the stage graph of `rlrec.recipe`: SFT needs
+data; GRPO needs its init policy and, for a `teacher` reward, SASRec; ...). A finished stage records its key in its
 `manifest.json`; a re-run skips a stage whose manifest holds the current key. A stage that started with the same
 key but did not finish (killed, crashed) runs again and its trainer resumes from the last checkpoint. A stage whose
-key changed (its config, or any earlier stage's, changed) is cleared and re-run, and so is every stage after it.
+key changed (a section it reads, or a stage it needs, changed) is cleared and re-run, and so is every stage that
+needs it; its siblings are kept.
 At the end, `runs/<name>/summary.md` tabulates every stage's test HR@10 / NDCG@10 / valid rate.
 """
 
@@ -33,24 +35,20 @@ from pathlib import Path
 
 import psutil
 
-from rlrec.config import dump_config, to_dict
+from rlrec.config import dump_config
 from rlrec.errors import ConfigError, RlrecError, Stopped
 from rlrec.metrics import COLD_MAX_COUNT
-from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe
+from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe, stage_inputs
 
 KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
 
 
 def stage_keys(recipe: Recipe, stages: list[str]) -> dict[str, str]:
-    """Chained keys: a stage's key covers its own sections, the seed, and every earlier stage's key."""
-    keys: dict[str, str] = {}
-    previous = ""
-    for stage in stages:
-        sections = {name: to_dict(getattr(recipe, name, None)) for name in STAGE[stage].reads}
-        payload = json.dumps({"stage": stage, "seed": recipe.seed, "sections": sections, "previous": previous},
-                             sort_keys=True, default=str)  # fmt: skip
-        previous = keys[stage] = hashlib.sha256(payload.encode()).hexdigest()[:16]
-    return keys
+    """Each stage's key: a hash of its inputs (rlrec.recipe.stage_inputs), which hold the sections it reads and the
+    inputs of the stages it needs, so a change reruns the stages that read it and those downstream, never a
+    sibling (a SASRec edit keeps SFT; a GRPO edit keeps a DPO that starts from SFT)."""
+    return {stage: hashlib.sha256(json.dumps(stage_inputs(recipe, stage), sort_keys=True, default=str).encode())
+            .hexdigest()[:16] for stage in stages}  # fmt: skip
 
 
 def stage_state(folder: Path, key: str) -> str:
@@ -122,7 +120,7 @@ def run_child(command: list[str]) -> tuple[int, signal.Signals | None]:
 def run_pipeline(recipe: Recipe, until: str | None = None) -> str:
     """Run (or skip, or resume) every planned stage (up to `until`, inclusive); return the summary table (also in
     runs/<name>/summary.md)."""
-    config = recipe.pipeline or PipelineConfig()
+    config = recipe.pipeline
     stages = recipe.planned_stages()
     if until is not None:
         stages = [s for s in stages if ORDER.index(s) <= ORDER.index(until)]
@@ -135,7 +133,7 @@ def run_pipeline(recipe: Recipe, until: str | None = None) -> str:
     recipe_file = recipe.run_dir / "recipe.yaml"
     dump_config(recipe, recipe_file)
     started = time.time()
-    for stage in stages:  # keys are chained: once a stage re-runs, every later key differs too
+    for stage in stages:  # a stage's key covers the stages it needs: once one re-runs, its dependents do too
         folder = recipe.stage_dir(stage)
         state = stage_state(folder, keys[stage])
         if state == "done":
@@ -183,7 +181,7 @@ def _test_metrics(folder: Path) -> tuple[dict, dict] | None:
 def summary_table(recipe: Recipe, stages: list[str]) -> str:
     rows = []
     for stage in stages:
-        if stage in ("items", "data", "eval"):
+        if not STAGE[stage].scored:
             continue
         found = _test_metrics(recipe.stage_dir(stage))
         if found is None:

@@ -24,7 +24,7 @@ def render_history(history: tuple[str, ...] | list[str], identifiers: Mapping[st
 def prompt_messages(
     history: tuple[str, ...] | list[str], identifiers: Mapping[str, str], config: PromptConfig
 ) -> list[dict[str, str]]:
-    """The chat prompt for one history (also used at inference time by `recommend`)."""
+    """The chat prompt for one history (also used at inference time by `Recommender.recommend_batch`)."""
     text = config.template.replace("{history}", render_history(history, identifiers, config))
     system = [{"role": "system", "content": config.system}] if config.system else []
     return [*system, {"role": "user", "content": text}]

@@ -25,6 +25,7 @@ import yaml
 
 from rlrec.config import load_config
 from rlrec.errors import RlrecError
+from rlrec.items.identifiers import IDENTIFIERS
 from rlrec.manifest import hash_path
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe
@@ -101,7 +102,7 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
     metadata: dict = {"base_model": base} if base else {}
     metadata.update(library_name="peft" if adapter else "transformers",
                     tags=["rlrec", "recommendation", "generative-recommendation", stage,
-                          {"sid": "semantic-ids", "id": "item-ids", "title": "item-titles"}[identifier]],
+                          IDENTIFIERS[identifier].tag],
                     pipeline_tag="text-generation")  # fmt: skip
     if test:
         metadata["model-index"] = [{
@@ -182,8 +183,7 @@ def _has_alignment(recipe: Recipe) -> bool:
 
 
 def _identifier_text(identifier: str) -> str:
-    return {"sid": "a semantic ID (a short sequence of code tokens built from the item text)",
-            "id": "its item id", "title": "its title"}[identifier]  # fmt: skip
+    return IDENTIFIERS[identifier].description
 
 
 def publish(stage_dir: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,

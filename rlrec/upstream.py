@@ -14,7 +14,8 @@ upgrade then breaks a test here instead of silently changing what a stage trains
     shared_prompt_attention   transformers 5 attention functions (`AttentionInterface`), read per `module.layer_idx`
     tensorboard_dir           transformers 5 reads the TensorBoard folder from an environment variable
 
-Third-party imports stay inside the functions: decoding imports this module, and `import trl` costs seconds.
+TRL and PEFT are imported inside the functions that need them: decoding imports this module, and `import trl`
+costs seconds; torch is imported at the top, as every caller already has it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from rlrec.config import from_dict
 from rlrec.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
+# every shipped recipe (the ablation grids beside them are grids, parsed in test_grpo)
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "ablations")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -89,6 +91,20 @@ def tiny_recipe(shared_data, out, name="tiny", **sft) -> dict:
         },
         "eval": {"ks": [1, 5, 10], "batch_size": 8},
     }  # fmt: skip
+
+
+def grpo_recipe(shared_data, sft_run, tmp_path, **grpo) -> dict:
+    """tiny_recipe with a copy of the session's tiny SFT run and a GRPO section of 3 steps (overrides in `grpo`)."""
+    shutil.copytree(sft_run / "tiny", tmp_path / "tiny")
+    raw = tiny_recipe(shared_data, tmp_path)
+    raw["grpo"] = {
+        "num_generations": 4, "prompts_per_device": 2, "max_train_prompts": 64,
+        "rewards": {"hit": 1.0, "rank_penalty": 1.0},
+        "train": {"max_steps": 3, "learning_rate": 0.01, "logging_steps": 1, "save_steps": 100, "report_to": []},
+        "guard": {"eval_steps": 2, "users": 8, "keep_best": False},
+        "eval_max_users": 8, **grpo,
+    }  # fmt: skip
+    return raw
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ def test_import_layers_and_no_cycles():
 
 
 def test_help_and_config_errors_do_not_import_torch(tmp_path):
-    """`rlrec --help` and a recipe error answer at once: the command line and the recipe schema import no torch."""
+    """`rlrec --help`, a recipe error and a misspelled reward answer at once: the command line, the recipe schema
+    and the reward names import no torch."""
     probe = ("import sys; from rlrec.cli import main; code = main(sys.argv[1:]); "
              "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")  # fmt: skip
     bad = tmp_path / "bad.yaml"
@@ -30,6 +31,12 @@ def test_help_and_config_errors_do_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe, "sft", "--config", str(bad)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr, result.stderr
+    typo = tmp_path / "typo.yaml"  # a misspelled reward: named with the nearest one before any model loads
+    typo.write_text("name: x\ngrpo: {rewards: {hti: 1.0}}\n")
+    for command in (["grpo", "--config", str(typo)], ["pipeline", "--config", str(typo)]):
+        result = subprocess.run([sys.executable, "-c", probe, *command], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert result.returncode == 2 and "unknown reward 'hti': did you mean 'hit'?" in result.stderr, result.stderr
     result = subprocess.run([sys.executable, "-c", "import sys; from rlrec.cli import build_parser; "
                              "build_parser().format_help(); assert 'torch' not in sys.modules"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)  # fmt: skip

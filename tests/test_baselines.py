@@ -33,6 +33,16 @@ def test_train_popularity_and_sequences_recover_leave_one_out_train_parts():
     assert most_popular_lists(data, 1, 2, exclude=[["a"]]) == [["d", "b"]]
 
 
+def test_most_popular_breaks_ties_by_catalogue_order_at_any_count():
+    """Ten items tied at 5,000 interactions (a float32 offset of 1e-6 per item could not separate them) come in
+    catalogue order, after the one item counted more."""
+    items = [f"i{n}" for n in range(12)]
+    data = RunData(
+        None, DatasetDict(), items, {}, Counter({**{f"i{n}": 5_000 for n in range(1, 11)}, "i11": 5_001}), {}
+    )
+    assert most_popular_lists(data, 1, 11) == [["i11", *[f"i{n}" for n in range(1, 11)]]]
+
+
 def test_windows_cover_every_transition_once():
     inputs, targets = windows([[1, 2, 3, 4, 5, 6, 7], [8, 9]], max_len=3)
     assert inputs.tolist() == [[4, 5, 6], [1, 2, 3], [0, 0, 8]]

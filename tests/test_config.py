@@ -91,6 +91,20 @@ def test_overrides_are_typed_and_strict(tmp_path):
         load_config(Outer, path, ["--inner.max_history"])
 
 
+def test_numbers_with_an_exponent_are_floats_as_people_write_them(tmp_path):
+    """YAML 1.1 reads `1e-5` as a string; a learning rate written that way is a float, in a file and an override."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: a\ninner:\n  lr: 3e-4\n  weights: [1e2, -2E+1, 0.5]\n")
+    config = load_config(Outer, path, ["inner.lr=1e-5"])
+    assert (
+        config.inner.lr == 1e-5 and isinstance(config.inner.lr, float) and config.inner.weights == [100.0, -20.0, 0.5]
+    )
+    assert load_config(Outer, path).inner.lr == 3e-4
+    assert load_config(Outer, path, ["name=1e5x"]).name == "1e5x"  # not a number: still a string
+    with pytest.raises(ConfigError, match="key 'inner.max_history': expected int, got 1000.0"):
+        load_config(Outer, path, ["inner.max_history=1e3"])  # an int written as a float is refused, not truncated
+
+
 def test_parse_overrides_nests_keys():
     assert parse_overrides(["--a.b", "3", "a.c=x", "--d", "null"]) == {"a": {"b": 3, "c": "x"}, "d": None}
 

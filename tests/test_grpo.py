@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,8 +21,8 @@ from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
 from rlrec.schema import EvalConfig, GuardConfig
 from rlrec.stages.grpo import run as run_grpo
-from rlrec.stages.guard import make_guard
-from tests.conftest import REPO, launch, tiny_recipe
+from rlrec.training.guard import Guard
+from tests.conftest import REPO, grpo_recipe, launch
 
 SEEN: list = []  # items the probe reward saw
 
@@ -30,21 +33,9 @@ def record_items(batch, tables):
     return [0.0] * len(batch.items)
 
 
-def grpo_recipe(shared_data, sft_run, tmp_path, **grpo) -> dict:
-    shutil.copytree(sft_run / "tiny", tmp_path / "tiny")
-    raw = tiny_recipe(shared_data, tmp_path)
-    raw["grpo"] = {
-        "num_generations": 4, "prompts_per_device": 2, "max_train_prompts": 64,
-        "rewards": {"hit": 1.0, "rank_penalty": 1.0, "tests.test_grpo.record_items": 0.0},
-        "train": {"max_steps": 3, "learning_rate": 0.01, "logging_steps": 1, "save_steps": 100, "report_to": []},
-        "guard": {"eval_steps": 2, "users": 8, "keep_best": False},
-        "eval_max_users": 8, **grpo,
-    }  # fmt: skip
-    return raw
-
-
 def test_beam_grpo_changes_parameters_and_rollouts_are_catalogue_items(shared_data, sft_run, tmp_path):
-    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path))
+    rewards = {"hit": 1.0, "rank_penalty": 1.0, "tests.test_grpo.record_items": 0.0}
+    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path, rewards=rewards))
     SEEN.clear()
     metrics = run_grpo(recipe)
     catalogue = set(load_run_data(recipe.stage_dir("data")).item_ids)
@@ -88,9 +79,9 @@ def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     data = load_run_data(recipe.stage_dir("data"))
     model, tokenizer = load_model(recipe.stage_dir("sft") / "model", trainable=True)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    guard = make_guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, patience=1),
-                       recipe.stage_dir("grpo"))  # fmt: skip
-    recipe.stage_dir("grpo").mkdir(parents=True)
+    guard = Guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, patience=1),
+                  recipe.stage_dir("grpo"), "grpo")  # fmt: skip
+    assert recipe.stage_dir("grpo").is_dir()  # the guard makes its folder (its curve goes there)
     control = TrainerControl()
     guard.evaluate(0, control)
     with torch.no_grad():  # ruin it: every logit equal, so no ranking beats the trained one
@@ -100,14 +91,6 @@ def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     assert guard.restore_best() == 0
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
     assert [json.loads(line)["step"] for line in (recipe.stage_dir("grpo") / "guard.jsonl").open()] == [0, 1]
-
-
-def test_shipped_grpo_recipes_parse():
-    paths = sorted((REPO / "recipes").rglob("grpo*.yaml"))
-    assert paths
-    for path in paths:
-        recipe = load_config(Recipe, path)
-        assert recipe.grpo is not None and recipe.grpo.rewards
 
 
 @pytest.mark.distributed
@@ -164,7 +147,7 @@ def test_ablation_grid_runs_cells_and_tabulates(shared_data, sft_run, tmp_path):
 
 def test_shipped_ablation_grids_parse(tmp_path):
     """Every grid parses, names known rewards, and every cell recipe it would write is a valid recipe."""
-    paths = sorted((REPO / "rewards" / "ablations").glob("*.yaml"))
+    paths = sorted((REPO / "recipes").rglob("ablations/*.yaml"))  # each beside its dataset's recipes
     assert paths
     for path in paths:
         grid = load_config(AblationGrid, path)
@@ -175,4 +158,43 @@ def test_shipped_ablation_grids_parse(tmp_path):
         base = load_config(Recipe, REPO / (grid.recipe or "recipes/amazon18-scientific/grpo_sid.yaml"))
         for name in grid.names:
             cell = from_dict(Recipe, cell_recipe(base, grid, name, grid.seeds[0], tmp_path))
-            assert cell.section(grid.stage(name)) is not None
+            section = cell.section(grid.stage(name))  # raises when the cell lacks its stage's section
+            if grid.stage(name) == "grpo":
+                for reward in section.rewards:
+                    resolve(reward)
+
+
+@pytest.mark.slow(reason="an ablation stopped by SIGTERM while its cells train: ~30 s")
+def test_a_stopped_ablation_stops_its_cells(shared_data, sft_run, tmp_path):
+    """SIGTERM to `rlrec ablate` alone (what `timeout` and schedulers send) reaches the cells it started: none keeps
+    training, and the command ends as stopped (143)."""
+    import psutil
+
+    raw = grpo_recipe(shared_data, sft_run, tmp_path)
+    raw["grpo"]["train"]["max_steps"] = 200  # far longer than the test waits
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    grid = tmp_path / "long_grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": str(config),
+                "seeds": [0],
+                "reference": "hit",
+                "reward_sets": {"hit": {"hit": 1.0}, "hit+ndcg": {"hit": 1.0, "ndcg": 1.0}},
+            }
+        )
+    )
+    ablate = subprocess.Popen([sys.executable, "-m", "rlrec.cli", "ablate", "--config", str(grid), "--jobs", "2"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    cells: list[psutil.Process] = []
+    while time.time() < deadline and len(cells) < 2:
+        assert ablate.poll() is None, ablate.stdout.read()[-3000:]
+        cells = [p for p in psutil.Process(ablate.pid).children() if "grpo" in " ".join(p.cmdline())]
+        time.sleep(0.2)
+    assert len(cells) == 2
+    ablate.send_signal(signal.SIGTERM)
+    assert ablate.wait(timeout=180) == 143, ablate.stdout.read()[-3000:]
+    gone, alive = psutil.wait_procs(cells, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

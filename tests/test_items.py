@@ -238,3 +238,10 @@ def test_items_recipes_parse():
     for name in ("items_rqkmeans", "items_rqvae"):
         recipe = load_config(Recipe, REPO / f"recipes/amazon18-scientific/{name}.yaml")
         assert recipe.items.codebook_sizes == [256, 256, 256]
+
+
+def test_the_recipe_check_and_the_identifier_table_name_the_same_kinds():
+    from rlrec.items.identifiers import IDENTIFIERS
+    from rlrec.schema import IDENTIFIER_KINDS
+
+    assert set(IDENTIFIER_KINDS) == set(IDENTIFIERS)

@@ -1,6 +1,6 @@
 """`rlrec pipeline`: real subprocesses (the CLI, and `accelerate launch` for the training stages) on a tiny synthetic
 recipe: a SIGKILL during SFT resumes from the last checkpoint, a re-run skips finished stages, a changed config
-re-runs that stage and the ones after it, and the summary table is written."""
+re-runs that stage and the ones that need it (the stage graph), never a sibling, and the summary table is written."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import yaml
 from rlrec.config import from_dict, load_config
 from rlrec.errors import ConfigError
 from rlrec.pipeline import stage_keys
-from rlrec.recipe import PipelineConfig, Recipe
-from tests.conftest import REPO, tiny_pipeline
+from rlrec.recipe import ORDER, PipelineConfig, Recipe, stage_inputs, stage_needs
+from rlrec.training.arguments import last_checkpoint
+from tests.conftest import RECIPES, REPO, tiny_pipeline
 
 MAX_STEPS = 120
 
@@ -34,14 +35,70 @@ def run_pipeline(recipe_path, *overrides: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_planned_stages_and_chained_keys(tmp_path):
+def changed_keys(raw: dict, edit) -> list[str]:
+    recipe = from_dict(Recipe, raw)
+    before = stage_keys(recipe, list(ORDER))
+    edit(raw)
+    after = stage_keys(from_dict(Recipe, raw), list(ORDER))
+    return [s for s in ORDER if before[s] != after[s]]
+
+
+def test_keys_follow_the_stage_graph_not_the_stage_order(tmp_path):
+    """A change reruns the stages that read it and those that need them, never a sibling: the quickstart's SASRec
+    edit keeps SFT (GRPO reads SASRec through its teacher reward); a GRPO edit keeps SFT, SASRec and a DPO that
+    starts from SFT; a DPO that starts from GRPO reruns."""
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    raw["dpo"] = {}  # init: sft
+    assert changed_keys(raw, lambda r: r["sasrec"].update(hidden=32)) == ["sasrec", "grpo", "eval"]
+    assert changed_keys(raw, lambda r: r["grpo"].update(beta=0.1)) == ["grpo", "eval"]
+    assert changed_keys(raw, lambda r: r["grpo"]["rewards"].pop("teacher")) == ["grpo", "eval"]
+    assert changed_keys(raw, lambda r: r["dpo"].update(init="grpo")) == ["dpo", "eval"]
+    assert changed_keys(raw, lambda r: r["grpo"].update(beta=0.2)) == ["grpo", "dpo", "eval"]  # dpo now from grpo
+    assert changed_keys(raw, lambda r: r["sft"]["train"].update(learning_rate=0.02)) == ["sft", "grpo", "dpo",
+                                                                                       "eval"]  # fmt: skip
+    assert changed_keys(raw, lambda r: r["data"]["split"].update(max_history=5)) == [
+        "data",
+        "most_popular",
+        "sasrec",
+        "sft",
+        "grpo",
+        "dpo",
+        "zero_shot",
+        "eval",
+    ]  # fmt: skip  (items: the source)
+    # the zero-shot row reads the model SFT starts from, not how SFT trains it
+    raw["sft"]["model"] = {"path": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    raw["zero_shot"] = {}
+    assert "zero_shot" not in changed_keys(raw, lambda r: r["sft"]["train"].update(learning_rate=0.03))
+    assert "zero_shot" in changed_keys(raw, lambda r: r["sft"]["model"].update(dtype="bfloat16"))
+    # the stage order is a run order of the graph: every stage after the stages it needs, for every recipe
+    for path in RECIPES:
+        recipe = load_config(Recipe, path)
+        for stage in ORDER:
+            assert all(ORDER.index(need) < ORDER.index(stage) for need in stage_needs(recipe, stage)), (path, stage)
+
+
+def test_a_sasrec_edit_keeps_the_sft_checkpoints_resumable(tmp_path):
+    """SFT's checkpoint record (stage_inputs) holds only what SFT reads: after a SASRec edit an interrupted SFT
+    resumes from its checkpoints; after an SFT edit it refuses them, naming what changed."""
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    out = tmp_path / "sft"
+    assert last_checkpoint(out, True, stage_inputs(from_dict(Recipe, raw), "sft"), "sft") is None  # records them
+    (out / "checkpoints" / "checkpoint-20").mkdir(parents=True)  # then a checkpoint is saved, and the run killed
+    (out / "checkpoints" / "checkpoint-20" / "trainer_state.json").write_text("{}")
+    (out / "checkpoints" / "checkpoint-20" / "model.safetensors").write_text("")
+    raw["sasrec"]["hidden"] = 32
+    found = last_checkpoint(out, True, stage_inputs(from_dict(Recipe, raw), "sft"), "sft")
+    assert found is not None and found.endswith("checkpoint-20")
+    raw["sft"]["train"]["learning_rate"] = 0.02
+    with pytest.raises(ConfigError, match="other inputs.*learning_rate"):
+        last_checkpoint(out, True, stage_inputs(from_dict(Recipe, raw), "sft"), "sft")
+
+
+def test_planned_stages(tmp_path):
     raw = tiny_pipeline(tmp_path)
     recipe = from_dict(Recipe, raw)
     assert recipe.planned_stages() == ["data", "most_popular", "sft", "eval"]
-    keys = stage_keys(recipe, recipe.planned_stages())
-    raw["sft"]["train"]["learning_rate"] = 0.02
-    changed = stage_keys(from_dict(Recipe, raw), recipe.planned_stages())
-    assert [s for s in keys if keys[s] != changed[s]] == ["sft", "eval"]  # the stage and every one after it
     recipe.pipeline = PipelineConfig(stages=["data", "grpo"])
     with pytest.raises(ConfigError, match="no 'grpo' section"):
         recipe.planned_stages()
@@ -100,11 +157,32 @@ def test_pipeline_resumes_after_sigkill_skips_finished_stages_and_reruns_changed
     assert resolved["sft"]["train"]["max_steps"] == 40
 
 
-def test_every_shipped_recipe_parses_and_plans():
-    paths = sorted((REPO / "recipes").rglob("*.yaml"))
-    assert REPO / "recipes" / "quickstart.yaml" in paths
-    for path in paths:
-        recipe = load_config(Recipe, path)
-        assert recipe.planned_stages()[0] in ("items", "data"), path
-    demo = load_config(Recipe, REPO / "recipes" / "quickstart.yaml")
-    assert demo.planned_stages() == ["items", "data", "most_popular", "sasrec", "sft", "grpo", "eval"]
+@pytest.mark.slow(reason="three runs of a tiny pipeline with SASRec and GRPO through the CLI: ~90 s")
+def test_a_finished_pipeline_reruns_only_what_reads_an_edit(tmp_path):
+    """Edit `sasrec.*` of a finished pipeline: SFT (and its checkpoints) kept, the GRPO whose teacher reward reads
+    SASRec re-run. Edit `grpo.*`: SFT and SASRec kept, GRPO re-run."""
+    raw = tiny_pipeline(tmp_path, max_steps=20)
+    raw["pipeline"]["launcher"] = "python"
+    raw["sasrec"] = {"hidden": 16, "max_len": 5, "max_epochs": 2, "patience": 100, "batch_size": 256, "threads": 1}
+    raw["grpo"] = {"num_generations": 4, "prompts_per_device": 2, "max_train_prompts": 8,
+                   "rewards": {"hit": 1.0, "teacher": 1.0},
+                   "train": {"max_steps": 2, "learning_rate": 0.01, "logging_steps": 1, "save_steps": 100,
+                             "report_to": [], "threads": 1},
+                   "guard": {"eval_steps": 2, "users": 8}, "eval_splits": []}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_pipeline(path)
+    sft_model = tmp_path / "pipe" / "sft" / "model"
+    made = {p: p.stat().st_mtime_ns for p in sft_model.rglob("*") if p.is_file()}
+
+    sasrec_edit = run_pipeline(path, "sasrec.max_epochs=3").stdout
+    for kept in ("data", "most_popular", "sft"):
+        assert f"{kept}: up to date, skipped" in sasrec_edit, sasrec_edit
+    assert "sasrec: inputs changed" in sasrec_edit and "grpo: inputs changed" in sasrec_edit
+    assert {p: p.stat().st_mtime_ns for p in sft_model.rglob("*") if p.is_file()} == made  # SFT untouched
+
+    grpo_edit = run_pipeline(path, "sasrec.max_epochs=3", "grpo.beta=0.1").stdout
+    for kept in ("data", "most_popular", "sasrec", "sft"):
+        assert f"{kept}: up to date, skipped" in grpo_edit, grpo_edit
+    assert "grpo: inputs changed" in grpo_edit and "eval: inputs changed" in grpo_edit
+    assert json.loads((tmp_path / "pipe" / "grpo" / "metrics.json").read_text())["training"]["global_step"] == 2

@@ -21,7 +21,7 @@ from rlrec.stages import data as data_stage
 from rlrec.stages import grpo, sasrec
 from rlrec.stages.grpo import item_tables
 from rlrec.stages.posttrain import train_prompts
-from rlrec.stages.sft_rows import sequence_rows, target_rows
+from rlrec.training.sft_rows import sequence_rows, target_rows
 from tests.conftest import tiny_pipeline
 
 
@@ -57,7 +57,9 @@ def test_teacher_reward_is_the_trained_sasrec_log_probability(sasrec_run):
     best = int(np.argmax(logprobs[0]))
     top = RewardBatch([data.item_ids[best]], [rows["target"][0]], [histories[0]], [None], group_size=1)
     assert compute("teacher", resolve("teacher"), top, tables, {"kind": "ndcg"}) == [1.0]  # its first choice
-    assert all(0 < r <= 1 for r in ranks)
+    # NDCG of the teacher's rank: a decreasing function of the rank, so it orders the items as the log-probabilities do
+    assert len(set(ranks)) > 6
+    assert all(ranks[i] >= ranks[j] for i in range(12) for j in range(12) if values[i] > values[j])
 
 
 def test_grpo_with_teacher_reward_has_signal_and_hit_only_run_warns(sasrec_run, tmp_path):

@@ -7,7 +7,11 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from tests.conftest import REPO, run_cli
+from rlrec.config import from_dict
+from rlrec.data.prepared import load_run_data
+from rlrec.recipe import Recipe
+from rlrec.stages import data as data_stage
+from tests.conftest import REPO, run_cli, tiny_pipeline
 
 
 def prepare(recipe: str, tmp_path, *overrides: str) -> tuple[dict, object]:
@@ -133,3 +137,13 @@ def test_multi_task_mixture_counts():
     assert sum(c.startswith("<a_") for c in completions) == 8 and sum(c.startswith("T") for c in completions) == 2
     asks = [r["prompt"][0]["content"] for r in mixed if r["user"] == ""]
     assert 'Which item is titled "T0"?' in asks
+
+
+def test_the_prepared_folder_keeps_the_whole_prompt_config(tmp_path):
+    """Every field of data.prompt reaches the later stages (RunData.prompt), not a hand-picked few."""
+    raw = tiny_pipeline(tmp_path)
+    raw["data"]["prompt"].update(format="sequence", system="Recommend.", template="Seen: {history}", separator=" ",
+                                 max_title_chars=40)  # fmt: skip
+    recipe = from_dict(Recipe, raw)
+    data_stage.run(recipe)
+    assert load_run_data(recipe.stage_dir("data")).prompt == recipe.data.prompt

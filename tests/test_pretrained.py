@@ -94,7 +94,7 @@ def test_templates_that_cannot_agree_fail_clearly(qwen3_folder):
     from transformers import AutoTokenizer
 
     from rlrec.errors import ConfigError, RlrecError
-    from rlrec.stages.training import lora_config
+    from rlrec.training.arguments import lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(str(qwen3_folder))
     tokenizer.chat_template = (  # a generation prompt that is not the start of the template's assistant turn

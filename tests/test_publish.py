@@ -141,3 +141,30 @@ def test_push_to_a_recording_hub_sends_every_file_and_writes_no_token(lora_stage
     assert TOKEN not in result.stdout + result.stderr
     written = [p for p in lora_stage.parent.rglob("*") if p.is_file()] + [p for p in folder.rglob("*") if p.is_file()]
     assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
+
+
+def test_a_new_identifier_kind_runs_end_to_end_through_publish(tmp_path, monkeypatch):
+    """docs/architecture.md's way to add an identifier kind (a renderer and its row in IDENTIFIERS, its name in
+    schema.IDENTIFIER_KINDS), followed for a toy kind: data, SFT, the published card and rlrec.load all take it."""
+    from rlrec import schema
+    from rlrec.items import identifiers
+    from rlrec.publish import export
+
+    monkeypatch.setattr(schema, "IDENTIFIER_KINDS", (*schema.IDENTIFIER_KINDS, "tagged"))
+    monkeypatch.setitem(identifiers.IDENTIFIERS, "tagged", identifiers.IdentifierKind(
+        lambda catalog, index, counts, source, max_chars: {item: f"item{item}" for item in catalog.items},
+        needs_index=False, tag="tagged-items", description="'item' and its id"))  # fmt: skip
+    raw = tiny_pipeline(tmp_path)
+    raw["data"]["prompt"]["identifier"] = "tagged"
+    raw["sft"]["train"].update(max_steps=10)
+    recipe = from_dict(Recipe, raw)
+    data.run(recipe)
+    sft.run(recipe)
+    folder = export(recipe.stage_dir("sft"), tmp_path / "published", "someone/tagged-rec")
+    card = (folder / "README.md").read_text()
+    assert "tagged-items" in yaml.safe_load(card.split("---\n")[1])["tags"] and "'item' and its id" in card
+    recommender = rlrec.load(folder)
+    rows = load_run_data(recipe.stage_dir("data")).rows("test", 5)
+    lists = recommender.recommend_batch(rows["history"], k=3)
+    assert all(recommender.identifiers[item] == f"item{item}" for ranked in lists for item, _ in ranked)
+    assert sum(len(ranked) for ranked in lists) == 15

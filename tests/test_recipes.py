@@ -8,19 +8,24 @@ import pytest
 
 from rlrec.config import load_config
 from rlrec.recipe import Recipe
-from tests.conftest import REPO
-
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+from rlrec.rewards import resolve
+from tests.conftest import RECIPES, REPO
 
 
 def test_there_are_recipes():
-    assert len(RECIPES) >= 4
+    assert len(RECIPES) >= 4 and REPO / "recipes" / "quickstart.yaml" in RECIPES
+    demo = load_config(Recipe, REPO / "recipes" / "quickstart.yaml")
+    assert demo.planned_stages() == ["items", "data", "most_popular", "sasrec", "sft", "grpo", "eval"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
-def test_recipe_parses_strictly_and_names_its_command(path):
+def test_recipe_parses_plans_and_names_its_command(path):
+    """Strict parsing, a plan whose every stage has its section (planned_stages raises otherwise), reward names
+    that resolve (a typo fails here, not after a model load), and the launch command in the header."""
     recipe = load_config(Recipe, path)
-    assert recipe.name
+    assert recipe.planned_stages()[0] in ("items", "data")
+    for reward in recipe.grpo.rewards if recipe.grpo else {}:
+        resolve(reward)
     header = path.read_text().splitlines()[:6]
     assert any(line.startswith("# Launch:") for line in header), "a recipe states its launch command in its header"
 

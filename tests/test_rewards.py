@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from rlrec.errors import ConfigError, RlrecError
-from rlrec.rewards import REWARDS, ItemTables, RewardBatch, compute, prefix_schedule, resolve
+from rlrec.rewards import REWARDS, ItemTables, RewardBatch, check_rewards, compute, prefix_schedule, resolve
 from rlrec.schema import GRPOConfig
 
 IDENTIFIERS = {
@@ -108,8 +108,9 @@ def test_bad_rewards_fail_with_their_name():
 
 
 def test_grpo_config_rejects_inconsistent_rewards():
-    with pytest.raises(ConfigError, match="need beam ranks"):
-        GRPOConfig(rollout="sample", rewards={"hit": 1.0, "ndcg": 1.0})
+    with pytest.raises(ConfigError, match=r"\['ndcg'\] need beam ranks"):  # the recipe check, before a model loads
+        check_rewards({"hit": 1.0, "ndcg": 1.0}, "sample")
+    check_rewards({"hit": 1.0, "ndcg": 1.0}, "beam")
     with pytest.raises(ConfigError, match="not in grpo.rewards"):
         GRPOConfig(rewards={"hit": 1.0}, reward_params={"sid_prefix": {"schedule": "linear"}})
     with pytest.raises(ConfigError, match="num_generations"):

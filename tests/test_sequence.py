@@ -20,8 +20,8 @@ from rlrec.recipe import Recipe
 from rlrec.schema import EvalConfig, GuardConfig, ModelConfig, PromptConfig
 from rlrec.stages import data as data_stage
 from rlrec.stages import sft
-from rlrec.stages.guard import make_guard
-from rlrec.stages.sft_rows import sequence_rows, target_rows
+from rlrec.training.guard import Guard
+from rlrec.training.sft_rows import sequence_rows, target_rows
 from tests.conftest import tiny_pipeline, tiny_recipe
 
 SCIENTIFIC_TRAIN_ROWS = 58_492 - 3 * 8_317  # every training transition under leave-one-out
@@ -191,12 +191,12 @@ def test_selection_keeps_the_best_weights_when_validation_falls(tmp_path, monkey
     data_stage.run(recipe)
 
     def guard_after_scrambling(*args, **kwargs):  # the stage's own guard, with the scrambler called before it
-        guard = make_guard(*args, **kwargs)
+        guard = Guard(*args, **kwargs)
         attach = guard.attach
         guard.attach = lambda trainer: (trainer.add_callback(ScrambleEmbeddings(start=4)), attach(trainer))[1]
         return guard
 
-    monkeypatch.setattr(sft, "make_guard", guard_after_scrambling)
+    monkeypatch.setattr(sft, "Guard", guard_after_scrambling)
     metrics = sft.run(recipe)
     training = metrics["training"]
     curve = training["guard"]
@@ -205,7 +205,7 @@ def test_selection_keeps_the_best_weights_when_validation_falls(tmp_path, monkey
     assert training["saved_step"] == best["step"]
     model, tokenizer = load_model(recipe.stage_dir("sft") / "model")
     data = load_run_data(recipe.stage_dir("data"))
-    guard = make_guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=60), tmp_path, "check")
+    guard = Guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=60), tmp_path, "check")
     guard.evaluate(0, TrainerControl())
     assert guard.history[0]["ndcg@10"] == pytest.approx(best["ndcg@10"], abs=1e-6)
     logged = [json.loads(line) for line in (recipe.stage_dir("sft") / "train_log.jsonl").open()]

@@ -150,7 +150,7 @@ def test_semantic_id_rows_train_through_the_tied_output_layer(smollm2):
     token's trained embedding row, and no other row moves."""
     import peft
 
-    from rlrec.stages.training import lora_config
+    from rlrec.training.arguments import lora_config
     from rlrec.upstream import unwrap_peft
 
     identifiers = {"1": "<a_1><b_2>", "2": "<a_1><b_3>", "3": "<a_2><b_2>"}

@@ -20,7 +20,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from rlrec.models import build_for_training
 from rlrec.schema import LoraConfig, ModelConfig
-from rlrec.stages.training import lora_config
+from rlrec.training.arguments import lora_config
 from rlrec.upstream import (
     copy_reference_tokens,
     has_token_adapters,

@@ -38,9 +38,13 @@ def topk_from_scores(
 
 
 def most_popular_lists(data: RunData, n_rows: int, k: int, exclude=None) -> list[list[str]]:
-    scores = torch.tensor([float(data.popularity.get(i, 0)) for i in data.item_ids])
-    # Ties broken by catalogue order (stable): a tiny decreasing offset keeps topk deterministic.
-    scores = scores - torch.arange(len(scores)) * 1e-6
+    # Ties broken by catalogue order: a rank from a stable sort of the counts, so the scores are distinct integers.
+    # (A decreasing 1e-6 offset on float32 counts, as before, fell below float32 spacing from a count of about 8 up:
+    # ten items tied at 5,000 kept one score, and topk broke their ties as it liked.)
+    counts = torch.tensor([data.popularity.get(i, 0) for i in data.item_ids], dtype=torch.float64)
+    order = torch.argsort(-counts, stable=True)
+    scores = torch.empty_like(counts)
+    scores[order] = -torch.arange(len(counts), dtype=torch.float64)
     return topk_from_scores(scores.expand(n_rows, -1), k, data.item_ids, exclude)
 
 

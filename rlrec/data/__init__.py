@@ -24,6 +24,9 @@ READERS = {
 }
 # Formats whose raw rows carry ratings (min_rating applies while reading).
 RATED = ("movielens", "generic")
+# Event readers (timestamped rows): they drop repeated items while sorting each user's events; the sequence
+# formats (one line a user) get drop_repeat_items here. Today the same two formats as RATED, by coincidence.
+EVENT_READERS = ("movielens", "generic")
 
 
 def read_source(config: SourceConfig) -> RawData:
@@ -32,7 +35,7 @@ def read_source(config: SourceConfig) -> RawData:
     raw = READERS[config.format](config)
     if raw.interactions is not None:
         # Event-based readers apply drop_repeat_items while sorting; sequence sources get it here.
-        if config.drop_repeat_items and config.format not in RATED:
+        if config.drop_repeat_items and config.format not in EVENT_READERS:
             raw.interactions = drop_repeats(raw.interactions, raw.skipped)
         raw.interactions = kcore(raw.interactions, config.kcore, raw.skipped)
     elif config.kcore or config.drop_repeat_items:

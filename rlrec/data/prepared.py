@@ -1,4 +1,5 @@
-"""The prepared data folder, `runs/<name>/data/`: written once by the data stage, read by every later stage.
+"""The prepared data folder, `runs/<name>/data/`: written by the data stage, read by every later stage (SFT adds its
+tokenised-row cache under `data/tokenised/`, keyed by what the rows depend on: rlrec.training.sft_cache).
 
     dataset/          DatasetDict (train / valid / test) of prompt, completion, target, history, user
     catalog.jsonl     one item a line: item_id, title, identifier, attributes (catalogue order)
@@ -17,12 +18,13 @@ import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from rlrec.config import from_dict
+from rlrec.config import from_dict, to_dict
 from rlrec.data.types import Catalog, Interactions, RawData, Sample
 from rlrec.errors import DataError, RlrecError
 from rlrec.schema import DataConfig, PromptConfig
@@ -55,9 +57,10 @@ class RunData:
             return rows
         return rows.select(sorted(random.Random(seed).sample(range(len(rows)), size)))
 
-    @property
+    @cached_property
     def prompt(self) -> PromptConfig:
-        """How this data renders a history for a model (chat, the default, for folders written before the field)."""
+        """How this data renders a history for a model: the data section's whole `prompt`, as the data stage wrote
+        it (folders written before it held every field get the defaults of the missing ones)."""
         return from_dict(PromptConfig, {"identifier": self.stats["identifier"], **self.stats.get("prompt", {})})
 
     @property
@@ -166,12 +169,7 @@ def compute_stats(raw: RawData, splits: dict[str, list[Sample]], config: DataCon
         "splits": {name: len(samples) for name, samples in splits.items()},
         "mean_history_length": round(sum(lengths) / max(len(lengths), 1), 3),
         "identifier": config.prompt.identifier,
-        "prompt": {
-            "format": config.prompt.format,
-            "template": config.prompt.template,
-            "separator": config.prompt.separator,
-            "system": config.prompt.system,
-        },  # fmt: skip
+        "prompt": to_dict(config.prompt),  # whole: every later stage renders prompts from it (RunData.prompt)
         "identifier_notes": dict(sorted(notes.items())),
         "skipped": dict(sorted(raw.skipped.items())),
         "skipped_examples": dict(sorted(raw.examples.items())),

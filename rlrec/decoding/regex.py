@@ -1,5 +1,6 @@
 """A regular expression that matches exactly the catalogue's identifier strings, for vLLM structured outputs
-(`vllm_structured_outputs_regex` in TRL's GRPO config) on the GPU path.
+(`vllm_structured_outputs_regex` in TRL's GRPO config). No rlrec path uses it yet (there is no vLLM rollout); it
+is kept, tested, for that one.
 
 Built from a character trie so that shared prefixes are written once: `(?:<a_1>(?:<b_2>|<b_3>))` instead of an
 alternation of every full identifier, which keeps the pattern small for a 4,344-item catalogue.

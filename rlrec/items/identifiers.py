@@ -10,11 +10,17 @@ Renderers, chosen by `prompt.identifier`:
 - `sid`: the semantic ID, the item's codes concatenated (`<a_12><b_3><c_200>`), from an index in the
   LC-Rec `index.json` format. The index must cover every item and be collision-free.
 Every renderer returns an injective map item id -> identifier; the check is here, once, for all of them.
+
+`IDENTIFIERS` is the one table of kinds: how to render them, whether they read a semantic-ID index, and how a
+model card names them (rlrec.publish). A new kind is a renderer and a row here, plus its name in
+`rlrec.schema.IDENTIFIER_KINDS` (the recipe schema imports no rlrec library); docs/architecture.md.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from rlrec.data.types import Catalog
 from rlrec.errors import DataError
@@ -57,19 +63,39 @@ def sid_identifiers(catalog: Catalog, index: dict[str, list[str]] | None, source
     return {item_id: "".join(index[item_id]) for item_id in catalog.items}
 
 
+Renderer = Callable[[Catalog, "dict[str, list[str]] | None", Counter, str, int], "dict[str, str]"]
+
+
+@dataclass(frozen=True)
+class IdentifierKind:
+    """One way to name items in text."""
+
+    render: Renderer  # (catalog, semantic-ID index or None, notes counter, index source, max title chars) -> ids
+    needs_index: bool  # reads a semantic-ID index (the data stage hands it the items stage's, publish copies it)
+    tag: str  # the Hub tag of a published model
+    description: str  # how a model card says what the model writes for an item
+
+
+IDENTIFIERS: dict[str, IdentifierKind] = {
+    "title": IdentifierKind(lambda catalog, index, counts, source, max_chars: title_identifiers(catalog, counts,
+                                                                                               max_chars),
+                            needs_index=False, tag="item-titles", description="its title"),
+    "id": IdentifierKind(lambda catalog, index, counts, source, max_chars: {i: i for i in catalog.items},
+                         needs_index=False, tag="item-ids", description="its item id"),
+    "sid": IdentifierKind(lambda catalog, index, counts, source, max_chars: sid_identifiers(catalog, index, source),
+                          needs_index=True, tag="semantic-ids",
+                          description="a semantic ID (a short sequence of code tokens built from the item text)"),
+}  # fmt: skip
+
+
 def build_identifiers(
     kind: str, catalog: Catalog, index: dict[str, list[str]] | None, counts: Counter, source: str = "index.json",
     max_title_chars: int = 256,
 ) -> dict[str, str]:  # fmt: skip
     """Item id -> identifier string for the renderer `kind`; fails if two items would share one."""
-    if kind == "title":
-        identifiers = title_identifiers(catalog, counts, max_title_chars)
-    elif kind == "id":
-        identifiers = {item_id: item_id for item_id in catalog.items}
-    elif kind == "sid":
-        identifiers = sid_identifiers(catalog, index, source)
-    else:
-        raise DataError(f"unknown identifier {kind!r}; expected title, id or sid")
+    if kind not in IDENTIFIERS:
+        raise DataError(f"unknown identifier {kind!r}; expected one of {', '.join(IDENTIFIERS)}")
+    identifiers = IDENTIFIERS[kind].render(catalog, index, counts, source, max_title_chars)
     owners: dict[str, list[str]] = defaultdict(list)
     for item_id, text in identifiers.items():
         owners[text].append(item_id)

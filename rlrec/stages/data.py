@@ -16,7 +16,7 @@ from rlrec.data import read_source
 from rlrec.data.prepared import compute_stats, write_prepared
 from rlrec.data.splits import make_splits
 from rlrec.errors import RlrecError
-from rlrec.items.identifiers import build_identifiers
+from rlrec.items.identifiers import IDENTIFIERS, build_identifiers
 from rlrec.items.index import read_index
 from rlrec.prompts import build_dataset
 from rlrec.recipe import Recipe
@@ -26,7 +26,7 @@ from rlrec.stages.runner import Timer, write_outputs
 
 def items_index(recipe: Recipe) -> Path | None:
     """With an `items` section and `prompt.identifier: sid`, items are rendered by the items stage's index."""
-    if recipe.items is None or recipe.section("data").prompt.identifier != "sid":
+    if recipe.items is None or not IDENTIFIERS[recipe.section("data").prompt.identifier].needs_index:
         return None
     path = recipe.stage_dir("items") / "index.json"
     if not path.is_file():
@@ -48,7 +48,7 @@ def run(recipe: Recipe) -> dict:
                                     raw.sid_index_source or "index.json", config.prompt.max_title_chars)  # fmt: skip
     stats = compute_stats(raw, splits, config, notes)
     if raw.sid_index is not None:  # say which index was found, and whether the identifiers use it
-        stats["sid_index"] = {"source": raw.sid_index_source, "used": config.prompt.identifier == "sid"}
+        stats["sid_index"] = {"source": raw.sid_index_source, "used": IDENTIFIERS[config.prompt.identifier].needs_index}
     check_not_empty(config, stats)
     dataset = build_dataset(splits, identifiers, config.prompt)
     write_prepared(recipe.stage_dir("data"), dataset, raw.catalog, identifiers, raw.interactions, raw.sid_index, stats)

@@ -3,20 +3,20 @@
     rlrec dpo --config recipes/<dataset>/dpo_<variant>.yaml                        (one process)
     accelerate launch --config_file accelerate_configs/<x>.yaml -m rlrec.stages.dpo --config <recipe>
 
-Preference data (`rlrec.stages.preferences`). Each training prompt's target is "chosen"; the "rejected" items
+Preference data (`rlrec.training.preferences`). Each training prompt's target is "chosen"; the "rejected" items
 come from `hard` (the current model's constrained top beam), `history`, `popular` and `random` sources, filtered
 and counted; the counts are in `metrics.json` (`training.rounds[i].negatives`).
 
 Losses. `loss: dpo` is TRL's `DPOTrainer` unchanged (any of its `dpo_loss_type`s): each negative makes one
 (prompt, chosen, rejected) pair. `loss: sdpo` scores all K negatives of a prompt in one softmax
-(`rlrec.stages.sdpo`). Completions are the items' token sequences from the catalogue trie.
+(`rlrec.training.sdpo`). Completions are the items' token sequences from the catalogue trie.
 
 Iterative mode (`rounds` > 1, OneRec's iterative preference alignment without its reward model): each round mines
 hard negatives with the model the previous round produced, trains against that model as the reference, and saves
 `round-<r>/model`. A rerun skips finished rounds and resumes an unfinished one from its last checkpoint.
 `dpo/train_log.jsonl` holds every round's TRL log (rewards/chosen, rewards/margins, ...) with its round number.
 
-Every round is eval-gated like GRPO (`rlrec.stages.posttrain`): it keeps the best weights on a validation slice,
+Every round is eval-gated like GRPO (`rlrec.training.guard`): it keeps the best weights on a validation slice,
 the round's starting model included. The final model is `dpo/model`, evaluated on `eval_splits` in `metrics.json`.
 """
 
@@ -38,24 +38,23 @@ from rlrec.errors import RlrecError
 from rlrec.evaluate import check_ks
 from rlrec.models import BASE_MODEL_DIR
 from rlrec.recipe import Recipe, stage_inputs
-from rlrec.schema import DPOConfig, EvalConfig
-from rlrec.stages.diagnostics import Diagnostics
-from rlrec.stages.guard import make_guard
-from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
-from rlrec.stages.preferences import build_preferences, mine_hard_negatives, tokenize_preferences
+from rlrec.schema import DPOConfig
+from rlrec.stages.posttrain import init_model_dir, load_policy, train_prompts
 from rlrec.stages.runner import (
     Timer,
     build_trainer,
     finish,
-    fit,
-    is_main_process,
     policy_report,
     stage_main,
+    train_and_save,
     world_size,
     write_json,
 )
-from rlrec.stages.sdpo import MultiNegativeCollator, sdpo_step
-from rlrec.stages.training import training_arguments, wants_plain_lm_head
+from rlrec.training.arguments import is_main_process, training_arguments, wants_plain_lm_head
+from rlrec.training.diagnostics import Diagnostics
+from rlrec.training.guard import Guard
+from rlrec.training.preferences import build_preferences, mine_hard_negatives, tokenize_preferences
+from rlrec.training.sdpo import MultiNegativeCollator, sdpo_step
 from rlrec.upstream import copy_reference_tokens, preference_trainer, unfuse_lm_head, unwrap_peft
 
 # --- one round ------------------------------------------------------------------------------------------------------
@@ -65,7 +64,7 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
                 round_index: int) -> dict:  # fmt: skip
     """Mine negatives with the model in `init`, train one preference round against it, save `out/model`."""
     timer = Timer()
-    eval_config = recipe.eval or EvalConfig()
+    eval_config = recipe.eval
     policy = load_policy(init, finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
     inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
@@ -85,7 +84,6 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
     sdpo = config.loss == "sdpo"
     dataset = tokenize_preferences(records, tokenizer, inputs, pairwise=not sdpo)
     kwargs = training_arguments(config.train, out, recipe.seed)
-    kwargs.pop("train_sampling_strategy")  # length grouping reads input_ids; preference rows hold prompt_ids
     loss_types, loss_weights = list(config.dpo_loss_type), [1.0] * len(config.dpo_loss_type)
     if config.sft_weight and not sdpo:  # pairwise: TRL's own `sft` term; S-DPO adds it in sdpo_step
         loss_types, loss_weights = [*loss_types, "sft"], [*loss_weights, config.sft_weight]
@@ -97,7 +95,6 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
     out.mkdir(parents=True, exist_ok=True)
-    (out / "guard.jsonl").unlink(missing_ok=True)
     trainer = build_trainer(
         "dpo",
         out,
@@ -117,17 +114,14 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
         unfuse_lm_head(unwrap_peft(trainer.model))
         if trainer.ref_model is not None:
             unfuse_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model))
-    guard = make_guard(trainer.model, tokenizer, data, eval_config, config.guard, out, label="dpo", inputs=inputs)
-    guard.attach(trainer)
+    guard = Guard(trainer.model, tokenizer, data, eval_config, config.guard, out, "dpo", inputs)
     diagnostics = Diagnostics(f"dpo round {round_index}")
     trainer.add_callback(diagnostics)
     details = (f"{config.loss} ({policy.finetune}) from {init}, {report['prompts']:,} prompts x "
                f"{config.negatives.total} negatives ({len(dataset):,} rows), negatives: {report}")  # fmt: skip
     label = f"dpo round {round_index}/{config.rounds}"
-    fitted = fit(trainer, out, label, details, config.train.resume, stage_inputs(recipe, "dpo"))
-    saved_step = guard.restore_best() if config.guard.keep_best else trainer.state.global_step
-    trainer.save_model(str(out / "model"))
-    copy_base_model(policy, out)
+    fitted, saved_step = train_and_save(trainer, out, label, details, config.train.resume,
+                                        stage_inputs(recipe, "dpo"), guard, config.guard.keep_best, policy)  # fmt: skip
     summary = {
         "round": round_index, "init": str(init), "finetune": policy.finetune, "negatives": report,
         "rows": len(dataset), "saved_step": saved_step, "mining_seconds": mined_seconds, **fitted,
@@ -135,7 +129,7 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
     }  # fmt: skip
     if is_main_process():
         write_json(out / "round.json", summary)  # written last: the round is finished
-    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()  # every process sees the round finished before the next one starts
     return summary
 
 
@@ -146,7 +140,7 @@ def run(recipe: Recipe) -> dict | None:
     config: DPOConfig = recipe.section("dpo")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
+    check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("dpo")
     init = init_model_dir(recipe, config.init, "dpo")
     finetune = config.finetune

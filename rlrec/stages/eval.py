@@ -13,7 +13,6 @@ from rlrec.data.prepared import load_run_data
 from rlrec.evaluate import eval_rows, evaluate_generative, write_report
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
-from rlrec.schema import EvalConfig
 from rlrec.stages import most_popular, sasrec
 from rlrec.stages.runner import Timer, write_outputs
 
@@ -21,7 +20,7 @@ BASELINE_NAMES = {"most_popular": "most-popular", "sasrec": "sasrec"}
 
 
 def run(recipe: Recipe) -> dict:
-    config = recipe.eval or EvalConfig()
+    config = recipe.eval
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     rows = eval_rows(data, config.split, config, config.max_users)

@@ -11,7 +11,7 @@ so every completion is a real item. Two rollout modes:
 Rewards are `rlrec.rewards` functions with weights from the recipe. TRL's loss types, reward scaling, clipping and
 KL coefficient are exposed as they are.
 
-The guard (`rlrec.stages.posttrain`). A naive RL stage made a converged SFT model worse on real data
+The guard (`rlrec.training.guard`). A naive RL stage made a converged SFT model worse on real data
 (docs/grpo.md: -34% valid NDCG@10 in 300 steps). So the stage evaluates NDCG@10 on a
 held-out slice of the validation users at step 0 and every `guard.eval_steps`, keeps the best weights, stops after
 `guard.patience` evaluations without a gain, and saves the best model: the stage can never return a model worse on
@@ -36,12 +36,19 @@ from rlrec.errors import RlrecError
 from rlrec.evaluate import check_ks
 from rlrec.recipe import Recipe, stage_inputs
 from rlrec.rewards import ItemTables, RewardBatch, compute, resolve
-from rlrec.schema import EvalConfig, GRPOConfig, SASRecConfig
-from rlrec.stages.diagnostics import Diagnostics
-from rlrec.stages.guard import make_guard
-from rlrec.stages.posttrain import copy_base_model, init_model_dir, load_policy, train_prompts
-from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
-from rlrec.stages.training import training_arguments, wants_plain_lm_head
+from rlrec.schema import GRPOConfig, SASRecConfig
+from rlrec.stages.posttrain import init_model_dir, load_policy, train_prompts
+from rlrec.stages.runner import (
+    Timer,
+    build_trainer,
+    finish,
+    policy_report,
+    stage_main,
+    train_and_save,
+)
+from rlrec.training.arguments import is_main_process, training_arguments, wants_plain_lm_head
+from rlrec.training.diagnostics import Diagnostics
+from rlrec.training.guard import Guard
 from rlrec.upstream import grpo_trainer, unfuse_lm_head, unwrap_peft
 
 # --- rollouts ---------------------------------------------------------------------------------------------------
@@ -161,9 +168,10 @@ def sasrec_teacher(recipe: Recipe, data: RunData):
 
 def run(recipe: Recipe) -> dict | None:
     config: GRPOConfig = recipe.section("grpo")
+    recipe.check()  # the reward names, before the model loads
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
+    check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("grpo")
     policy = load_policy(init_model_dir(recipe, config.init, "grpo"), config.finetune, config.lora, data)
     model, tokenizer = policy.model, policy.tokenizer
@@ -171,7 +179,6 @@ def run(recipe: Recipe) -> dict | None:
     inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     dataset = train_prompts(data, config.train_rows, config.max_train_prompts, recipe.seed)
     kwargs = training_arguments(config.train, out, recipe.seed)
-    kwargs.pop("train_sampling_strategy")  # GRPO samples with its own RepeatSampler
     # one rollout per optimizer step for its prompts_per_device prompts, trained in train.grad_accum micro-batches
     # (TRL's steps_per_generation defaults to the accumulation steps): a large model's memory is a micro-batch's
     completions = config.prompts_per_device * config.num_generations
@@ -182,7 +189,6 @@ def run(recipe: Recipe) -> dict | None:
         reward_weights=list(config.rewards.values()), temperature=config.temperature, log_completions=False,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "guard.jsonl").unlink(missing_ok=True)
     trainer = build_trainer(
         "grpo",
         out,
@@ -198,24 +204,21 @@ def run(recipe: Recipe) -> dict | None:
     )
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
         unfuse_lm_head(unwrap_peft(trainer.model), config.temperature)
-    guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.guard, out, inputs=inputs)
-    guard.attach(trainer)
+    guard = Guard(trainer.model, tokenizer, data, recipe.eval, config.guard, out, "grpo", inputs)
     diagnostics = Diagnostics("grpo")
     trainer.add_callback(diagnostics)
     details = (f"{policy.finetune} fine-tuning from {policy.init}, {config.rollout} rollouts G={config.num_generations}"
                f", rewards {config.rewards}, {len(dataset):,} prompts")  # fmt: skip
-    summary = fit(trainer, out, "grpo", details, config.train.resume, stage_inputs(recipe, "grpo"))
-    saved_step = guard.restore_best() if config.guard.keep_best else trainer.state.global_step
-    trainer.save_model(str(out / "model"))
-    copy_base_model(policy, out)
-    trainer.accelerator.wait_for_everyone()
+    inputs_record = stage_inputs(recipe, "grpo")
+    summary, saved_step = train_and_save(trainer, out, "grpo", details, config.train.resume, inputs_record, guard,
+                                         config.guard.keep_best, policy)  # fmt: skip
     summary.update(init=str(policy.init), finetune=policy.finetune, rollout=config.rollout,
                    num_generations=config.num_generations, rewards=config.rewards, saved_step=saved_step,
                    train_seconds=timer.seconds, train_prompts=len(dataset), guard=guard.history,
                    warnings=diagnostics.warnings + guard.warnings)  # fmt: skip
     if not is_main_process():
         return None
-    return finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)
+    return finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer, inputs)
 
 
 def report(recipe: Recipe, metrics: dict) -> list[str]:

@@ -22,7 +22,7 @@ def evaluate(data: RunData, config: EvalConfig, rows) -> dict:
 
 
 def run(recipe: Recipe) -> dict:
-    config = recipe.eval or EvalConfig()
+    config = recipe.eval
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
     rows = eval_rows(data, config.split, config, config.max_users)

@@ -1,5 +1,5 @@
 """What the post-training stages (GRPO, DPO) share: the model they start from and the training prompts (the
-validation guard they share with SFT is `rlrec.stages.guard`).
+validation guard they share with SFT is `rlrec.training.guard`).
 
 The starting model is a stage's saved model (`sft`, `dpo`, `grpo`) or any model folder. `finetune: auto` trains
 what it holds: its LoRA adapter, or all weights of a full model; `lora` on a full model adds a new adapter (with
@@ -18,8 +18,7 @@ from rlrec.items.index import identifier_codes
 from rlrec.models import BASE_MODEL_DIR, load_model
 from rlrec.recipe import POLICY_STAGES, Recipe
 from rlrec.schema import LoraConfig
-from rlrec.stages.runner import is_main_process
-from rlrec.stages.training import lora_config
+from rlrec.training.arguments import is_main_process, lora_config
 
 # --- the starting model ---------------------------------------------------------------------------------------------
 

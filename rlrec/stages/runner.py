@@ -3,9 +3,9 @@ point under `accelerate launch`.
 
 A training stage (sft, grpo, dpo) reads top to bottom as
     trainer = build_trainer("grpo", out, lambda: GRPOTrainer(...))   # a set-up ValueError -> one-line RlrecError
-    summary = fit(trainer, out, "grpo", "...what is trained...", resume)   # banner, resume, train, train_log.jsonl
-    ... save the model ...
+    summary, saved_step = train_and_save(trainer, out, "grpo", "...what is trained...", resume, inputs, guard, ...)
     finish(recipe, "grpo", data, summary, config.eval_splits, config.eval_max_users, timer)
+(`train_and_save`: the guard, `fit`'s banner, resume, training and train_log.jsonl, the best weights, the save).
 and every stage, trained or not, ends with `write_outputs`: `metrics.json`, the resolved `config.yaml` and
 `manifest.json` (inputs with hashes, versions, seed, wall time, peak memory) in `runs/<name>/<stage>/`.
 """
@@ -25,14 +25,15 @@ import torch
 
 from rlrec.config import dump_config, load_config
 from rlrec.data.prepared import RunData
+from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError, run_reporting_errors
 from rlrec.evaluate import eval_rows, evaluate_generative, sample_protocol, write_ranks
 from rlrec.manifest import write_manifest
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
-from rlrec.schema import EvalConfig
-from rlrec.stages.guard import Guard
-from rlrec.stages.training import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
+from rlrec.stages.posttrain import Policy, copy_base_model
+from rlrec.training.arguments import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
+from rlrec.training.guard import Guard
 from rlrec.upstream import tensorboard_dir
 
 T = TypeVar("T")
@@ -92,6 +93,22 @@ def fit(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict
     }  # fmt: skip
 
 
+def train_and_save(trainer, out: Path, label: str, details: str, resume: bool, inputs: dict, guard: Guard | None,
+                   keep_best: bool, policy: Policy | None = None) -> tuple[dict, int]:  # fmt: skip
+    """The tail every training stage ends with: attach the guard (when the stage has one), `fit`, keep the guard's
+    best weights (or the last ones), save `out/model` (and, for an adapter on a from-scratch base, that base
+    beside it), and wait for every process. Returns (fit's summary, the step whose weights were saved)."""
+    if guard is not None:
+        guard.attach(trainer)
+    summary = fit(trainer, out, label, details, resume, inputs)
+    saved_step = guard.restore_best() if guard is not None and keep_best else trainer.state.global_step
+    trainer.save_model(str(out / "model"))
+    if policy is not None:
+        copy_base_model(policy, out)
+    trainer.accelerator.wait_for_everyone()
+    return summary, saved_step
+
+
 def training_rate(trainer, cpu_seconds: float, checkpoint: str | None) -> dict:
     """This process's CPU seconds of training (the guard's evaluations left out) and the tokens the trainer fed its
     model per CPU second: TRL's `num_tokens` (SFT and DPO: the batches' non-padding tokens; GRPO: prompt and
@@ -104,17 +121,18 @@ def training_rate(trainer, cpu_seconds: float, checkpoint: str | None) -> dict:
 
 
 def finish(recipe: Recipe, stage: str, data: RunData, summary: dict, splits: Iterable[str],
-           max_users: int | None, timer: Timer) -> dict:  # fmt: skip
-    """Evaluate the stage's saved model on `splits` (the run's evaluation users, `eval_rows`; the first `max_users`
-    of them) and write the stage's files."""
+           max_users: int | None, timer: Timer, inputs: ModelInputs | None = None) -> dict:  # fmt: skip
+    """Evaluate the stage's saved model (reloaded: the artifact that is published) on `splits` (the run's
+    evaluation users, `eval_rows`; the first `max_users` of them) and write the stage's files. `inputs`: the
+    stage's prompt encoding and trie, when it built them (the saved tokenizer is the one they were built with)."""
     model, tokenizer = load_model(recipe.stage_dir(stage) / "model")
-    return evaluate_stage(recipe, stage, model, tokenizer, data, summary, splits, max_users, timer)
+    return evaluate_stage(recipe, stage, model, tokenizer, data, summary, splits, max_users, timer, inputs)
 
 
 def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, summary: dict, splits: Iterable[str],
-                   max_users: int | None, timer: Timer) -> dict:  # fmt: skip
+                   max_users: int | None, timer: Timer, inputs: ModelInputs | None = None) -> dict:  # fmt: skip
     """Score `model` on `splits` and write `<stage>/metrics.json`, `ranks.json`, config.yaml and manifest.json."""
-    eval_config, splits = recipe.eval or EvalConfig(), list(splits)
+    eval_config, splits = recipe.eval, list(splits)
     # the same protocol fields as the baselines' reports (bench/results.py refuses to mix protocols)
     protocol = {
         **data.protocol,
@@ -127,7 +145,7 @@ def evaluate_stage(recipe: Recipe, stage: str, model, tokenizer, data: RunData, 
     metrics, ranks = {"protocol": protocol, "training": summary}, {}
     for split in splits:
         rows = eval_rows(data, split, eval_config, max_users)
-        result = evaluate_generative(model, tokenizer, data, eval_config, rows)
+        result = evaluate_generative(model, tokenizer, data, eval_config, rows, inputs)
         ranks[split] = (rows, {stage: result.pop("ranks")})
         metrics[split] = {**result, "num_users": len(rows)}
     write_ranks(recipe.stage_dir(stage), ranks)

@@ -25,7 +25,7 @@ from rlrec.recipe import Recipe, stage_inputs
 from rlrec.schema import EvalConfig, SASRecConfig
 from rlrec.stages.most_popular import baseline_report
 from rlrec.stages.runner import Timer, write_outputs
-from rlrec.stages.training import changed_inputs
+from rlrec.training.arguments import changed_inputs
 
 CHECKPOINT = "checkpoint.pt"
 # Settings a resumed SASRec run may change: how long it trains, its threads, how it is evaluated after training.
@@ -41,7 +41,7 @@ def evaluate(recipe: Recipe, data: RunData, config: EvalConfig, rows) -> dict:
 
 
 def run(recipe: Recipe) -> dict:
-    config = recipe.eval or EvalConfig()
+    config = recipe.eval
     sasrec = recipe.sasrec or SASRecConfig()
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))

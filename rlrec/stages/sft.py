@@ -8,7 +8,7 @@ Loss on the completion only (the identifier and the stop token; TRL's prompt/com
 `trainable_token_indices`, or whole embedding and head through `modules_to_save`) or `full`. `auto` picks full for
 a model built from scratch (its weights are random: low-rank updates to random matrices make no sense) and LoRA
 for a pretrained one. Checkpoints go to `runs/<name>/sft/checkpoints/` and a rerun resumes from the last one; the
-rows TRL tokenised are cached by content hash in `runs/<name>/data/tokenised/` (rlrec.stages.sft_cache).
+rows TRL tokenised are cached by content hash in `runs/<name>/data/tokenised/` (rlrec.training.sft_cache).
 At the end the model (or adapter) is saved to `runs/<name>/sft/model/` and evaluated with the harness
 (constrained top-K beam over the full catalogue) on the configured splits: `metrics.json`.
 """
@@ -27,12 +27,19 @@ from rlrec.evaluate import check_ks
 from rlrec.models import BASE_MODEL_DIR, build_for_training
 from rlrec.prompts import mix_tasks
 from rlrec.recipe import Recipe, stage_inputs
-from rlrec.schema import EvalConfig, SFTConfig
-from rlrec.stages.guard import make_guard
-from rlrec.stages.runner import Timer, build_trainer, finish, fit, is_main_process, policy_report, stage_main
-from rlrec.stages.sft_cache import cache_key, load_cached, save_cached
-from rlrec.stages.sft_rows import sequence_rows, target_rows
-from rlrec.stages.training import lora_config, training_arguments, wants_plain_lm_head
+from rlrec.schema import SFTConfig
+from rlrec.stages.runner import (
+    Timer,
+    build_trainer,
+    finish,
+    policy_report,
+    stage_main,
+    train_and_save,
+)
+from rlrec.training.arguments import is_main_process, lora_config, training_arguments, wants_plain_lm_head
+from rlrec.training.guard import Guard
+from rlrec.training.sft_cache import cache_key, load_cached, save_cached
+from rlrec.training.sft_rows import sequence_rows, target_rows
 from rlrec.upstream import unfuse_lm_head, unwrap_peft
 
 
@@ -49,19 +56,20 @@ def tokenizer_texts(dataset, catalog: list[dict], with_titles: bool, rows_per_sp
 
 def run(recipe: Recipe) -> dict | None:
     """Train, save, and (on the main process) evaluate; return the metrics there, None elsewhere."""
-    _, data, summary, timer = train_sft(recipe)
+    _, data, summary, timer, inputs = train_sft(recipe)
     if not is_main_process():
         return None
     config: SFTConfig = recipe.section("sft")
-    return finish(recipe, "sft", data, summary, config.eval_splits, config.eval_max_users, timer)
+    return finish(recipe, "sft", data, summary, config.eval_splits, config.eval_max_users, timer, inputs)
 
 
 def train_sft(recipe: Recipe):
-    """Train and save `runs/<name>/sft/model`; return (trainer, run data, summary, timer)."""
+    """Train and save `runs/<name>/sft/model`; return (trainer, run data, summary, timer, the prompt encoding and
+    trie: built once here for the rows, the guard and the final evaluation)."""
     config: SFTConfig = recipe.section("sft")
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)  # before training, not after it
+    check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("sft")
     alignment = check_rows(config, data)
     texts = tokenizer_texts(data.dataset, data.catalog, with_titles=alignment)
@@ -71,15 +79,20 @@ def train_sft(recipe: Recipe):
     if peft_config is not None and config.model.from_scratch and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out / BASE_MODEL_DIR)  # the adapter's base: random weights nobody else has
-    train_dataset = training_rows(config, data, tokenizer, recipe.seed)
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
+    train_dataset = training_rows(config, data, inputs, recipe.seed)
     if config.max_train_rows is not None and config.max_train_rows < len(train_dataset):
         train_dataset = train_dataset.select(range(config.max_train_rows))  # already shuffled
     targets = sum(train_dataset["targets"]) if "targets" in train_dataset.column_names else len(train_dataset)
     train_dataset = train_dataset.remove_columns([c for c in ("targets", "user") if c in train_dataset.column_names])
     settings = {"max_length": config.max_length, "completion_only_loss": True, "packing": False}
+    # SFT alone groups rows by length (train.group_by_length): GRPO samples with its own RepeatSampler, and DPO's
+    # preference rows hold prompt_ids, not the input_ids length grouping reads
+    sampling = "group_by_length" if config.train.group_by_length else "random"
     key = cache_key(train_dataset, tokenizer, settings)
     cached = load_cached(data.path, key)
     args = trl.SFTConfig(**training_arguments(config.train, out, recipe.seed), **settings,
+                         train_sampling_strategy=sampling,
                          dataset_kwargs={"skip_prepare_dataset": cached is not None})  # fmt: skip
     rows = cached if cached is not None else train_dataset
     trainer = build_trainer(
@@ -96,17 +109,11 @@ def train_sft(recipe: Recipe):
         trainer.label_smoother = None  # smoothed inside the plain head, on the labelled positions only
     guard = None
     if config.select is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "guard.jsonl").unlink(missing_ok=True)
-        guard = make_guard(trainer.model, tokenizer, data, recipe.eval or EvalConfig(), config.select, out, "sft")
-        guard.attach(trainer)
+        guard = Guard(trainer.model, tokenizer, data, recipe.eval, config.select, out, "sft", inputs)
     details = f"{finetune} fine-tuning, {config.rows} rows: {len(train_dataset):,} rows, {targets:,} targets an epoch"
-    summary = fit(trainer, out, "sft", details, config.train.resume, stage_inputs(recipe, "sft"))
-    saved_step = trainer.state.global_step
-    if guard is not None and config.select.keep_best:
-        saved_step = guard.restore_best()
-    trainer.save_model(str(out / "model"))
-    trainer.accelerator.wait_for_everyone()
+    keep_best = config.select is not None and config.select.keep_best
+    summary, saved_step = train_and_save(trainer, out, "sft", details, config.train.resume,
+                                         stage_inputs(recipe, "sft"), guard, keep_best)  # fmt: skip
     train_seconds = timer.seconds
     summary.update(finetune=finetune, rows=config.rows, train_seconds=train_seconds,
                    parameters=sum(p.numel() for p in model.parameters()), identifier_tokens=len(token_ids),
@@ -114,12 +121,12 @@ def train_sft(recipe: Recipe):
                    targets_per_second=round(targets * trainer.state.epoch / max(train_seconds, 1e-9), 1),
                    saved_step=saved_step, guard=guard.history if guard is not None else [],
                    warnings=guard.warnings if guard is not None else [])  # fmt: skip
-    return trainer, data, summary, timer
+    return trainer, data, summary, timer, inputs
 
 
 def check_rows(config: SFTConfig, data: RunData) -> bool:
     """Refuse row settings the prepared data cannot give; return whether alignment tasks are on."""
-    identifier, prompt_format = data.stats["identifier"], data.prompt.format
+    identifier, prompt_format = data.prompt.identifier, data.prompt.format
     if "train" not in data.dataset:
         raise ConfigError(f"{data.path}: the prepared data has no train split (an export without one, as "
                           "MiniOneRec's: set data.split.train_from: valid and prepare again)")  # fmt: skip
@@ -134,9 +141,9 @@ def check_rows(config: SFTConfig, data: RunData) -> bool:
     return alignment
 
 
-def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dataset:
+def training_rows(config: SFTConfig, data: RunData, inputs: ModelInputs, seed: int) -> Dataset:
     """The training set, shuffled: chat rows (next item plus the alignment tasks), or, in the sequence prompt
-    format, tokenised target or sequence rows (rlrec.stages.sft_rows)."""
+    format, tokenised target or sequence rows (rlrec.training.sft_rows)."""
     if data.prompt.format == "chat":
         weights = {"next_item": config.tasks.next_item, "title_to_sid": config.tasks.title_to_sid,
                    "sid_to_title": config.tasks.sid_to_title}  # fmt: skip
@@ -144,7 +151,6 @@ def training_rows(config: SFTConfig, data: RunData, tokenizer, seed: int) -> Dat
         if config.rows_per_user is not None:
             train = train.select(last_rows(train, config.rows_per_user))
         return mix_tasks(train, data.catalog, weights, seed)
-    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
     if config.rows == "sequence":
         rows = sequence_rows(data, inputs, config.min_history, config.hold_out_last, config.rows_per_user)
     else:

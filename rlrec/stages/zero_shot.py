@@ -16,7 +16,7 @@ from rlrec.errors import ConfigError
 from rlrec.evaluate import check_ks
 from rlrec.models import build_for_training
 from rlrec.recipe import Recipe
-from rlrec.schema import EvalConfig, SFTConfig, ZeroShotConfig
+from rlrec.schema import SFTConfig, ZeroShotConfig
 from rlrec.stages.runner import Timer, evaluate_stage, policy_report
 
 
@@ -28,7 +28,7 @@ def run(recipe: Recipe) -> dict:
                           "before training)")  # fmt: skip
     timer = Timer()
     data = load_run_data(recipe.stage_dir("data"))
-    check_ks((recipe.eval or EvalConfig()).ks, data)
+    check_ks(recipe.eval.ks, data)
     model, tokenizer, token_ids = build_for_training(sft.model, data.identifiers, [], recipe.seed)
     summary = {"model": sft.model.path, "parameters": sum(p.numel() for p in model.parameters()),
                "identifier_tokens": len(token_ids)}  # fmt: skip

@@ -9,7 +9,7 @@ the stage's `metrics.json` (`training.warnings`):
 - likelihood displacement (DPO / S-DPO): the target's log-probability (`logps/chosen`) has fallen by more than
   `displacement` nats below its first logged value, while the margin over the negatives may still grow: the
   model pushes the negatives down faster than it keeps the target up, which costs ranking quality.
-The guard (`rlrec.stages.guard`) adds the third: validation fell for `patience` evaluations.
+The guard (`rlrec.training.guard`) adds the third: validation fell for `patience` evaluations.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import deque
 
 from transformers import TrainerCallback
 
-from rlrec.stages.runner import is_main_process
+from rlrec.training.arguments import is_main_process
 
 
 class Diagnostics(TrainerCallback):

@@ -62,7 +62,6 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int) -> dict:
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
-        "train_sampling_strategy": "group_by_length" if train.group_by_length else "random",
         "ddp_find_unused_parameters": False,
     }
 

@@ -35,13 +35,17 @@ from rlrec.data.prepared import RunData
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.evaluate import evaluate_generative
 from rlrec.schema import EvalConfig, GuardConfig
-from rlrec.stages.training import is_main_process
+from rlrec.training.arguments import is_main_process
 
 STATE_FILE = "guard_state.json"
 BEST_FILE = "guard_best.safetensors"
 
 
 class Guard(TrainerCallback):
+    """The guard of one stage's training (see the module docstring): `label` names the stage in its messages;
+    `inputs` are the run's prompt encoding and trie when the stage has them already (built once, not at every
+    evaluation)."""
+
     def __init__(self, model, tokenizer, data: RunData, eval_config: EvalConfig, config: GuardConfig, out: Path,
                  label: str, inputs: ModelInputs | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer, self.data, self.config, self.out, self.label = (
@@ -60,6 +64,9 @@ class Guard(TrainerCallback):
         self.trainer = None
         self.started = (time.time(), time.process_time())  # reset when training begins: time into training
         self.eval_cpu_seconds = 0.0  # spent evaluating, so that the stage's training rate leaves it out
+        out.mkdir(parents=True, exist_ok=True)
+        if is_main_process():  # a new guard, a new curve (a resumed one rewrites it from its checkpoint's state)
+            (out / "guard.jsonl").unlink(missing_ok=True)
 
     def attach(self, trainer) -> Guard:
         """Add the guard to `trainer`; its evaluations then also go to the trainer's log."""
@@ -182,10 +189,3 @@ class Guard(TrainerCallback):
                     if name in self.best_state:
                         p.copy_(self.best_state[name].to(p.device))
         return self.best[1]
-
-
-def make_guard(model, tokenizer, data: RunData, eval_config: EvalConfig, config: GuardConfig, out: Path,
-               label: str = "grpo", inputs: ModelInputs | None = None) -> Guard:  # fmt: skip
-    """The guard for a stage's model (see the module docstring); `inputs` are the run's prompt encoding and trie
-    when the stage has them already (they are built once, not at every evaluation)."""
-    return Guard(model, tokenizer, data, eval_config, config, out, label, inputs)
