@@ -64,20 +64,20 @@ def accuracy_metrics(ranked_lists: Sequence[Sequence[str]], targets: Sequence[st
     return out
 
 
-def head_items(popularity: Mapping[str, int], catalog: Collection[str], head_share: float = 0.2) -> set[str]:
+def head_items(popularity: Mapping[str, int], item_ids: Collection[str], head_share: float = 0.2) -> set[str]:
     """The most popular `head_share` of the catalogue by train count (ties broken by item id, for determinism)."""
-    ordered = sorted(catalog, key=lambda item: (-popularity.get(item, 0), item))
+    ordered = sorted(item_ids, key=lambda item: (-popularity.get(item, 0), item))
     return set(ordered[: int(round(head_share * len(ordered)))])
 
 
 def beyond_accuracy(
-    ranked_lists: Sequence[Sequence[str]], catalog: Collection[str], popularity: Mapping[str, int],
+    ranked_lists: Sequence[Sequence[str]], item_ids: Collection[str], popularity: Mapping[str, int],
     ks: Sequence[int], head: set[str] | None = None,
 ) -> dict:  # fmt: skip
-    head = head_items(popularity, catalog) if head is None else head
-    catalog_set = set(catalog)
+    head = head_items(popularity, item_ids) if head is None else head
+    catalogue = set(item_ids)
     entries = sum(len(lst) for lst in ranked_lists)
-    invalid = sum(1 for lst in ranked_lists for item in lst if item not in catalog_set)
+    invalid = sum(1 for lst in ranked_lists for item in lst if item not in catalogue)
     duplicates = sum(len(lst) - len(set(lst)) for lst in ranked_lists)
     out = {
         "invalid_rate": invalid / entries if entries else 0.0,
@@ -85,8 +85,8 @@ def beyond_accuracy(
         "valid_rate": 1.0 - invalid / entries if entries else 0.0,
     }
     for k in ks:
-        top = [item for lst in ranked_lists for item in lst[:k] if item in catalog_set]
-        out[f"coverage@{k}"] = len(set(top)) / len(catalog_set) if catalog_set else 0.0
+        top = [item for lst in ranked_lists for item in lst[:k] if item in catalogue]
+        out[f"coverage@{k}"] = len(set(top)) / len(catalogue) if catalogue else 0.0
         out[f"arp@{k}"] = sum(popularity.get(i, 0) for i in top) / len(top) if top else 0.0
         out[f"tail_share@{k}"] = sum(1 for i in top if i not in head) / len(top) if top else 0.0
     return out

@@ -59,10 +59,10 @@ ALIGNMENT_TASKS = {
 }
 
 
-def alignment_records(catalog: list[dict], task: str) -> list[dict]:
+def alignment_records(catalog_rows: list[dict], task: str) -> list[dict]:
     template, answer = ALIGNMENT_TASKS[task]
     records = []
-    for row in catalog:
+    for row in catalog_rows:
         values = {"title": row["title"] or f"item {row['item_id']}", "sid": row["identifier"]}
         records.append({
             "user": "", "history": [], "target": row["item_id"],
@@ -72,7 +72,7 @@ def alignment_records(catalog: list[dict], task: str) -> list[dict]:
     return records
 
 
-def mix_tasks(next_item: Dataset, catalog: list[dict], weights: Mapping[str, float], seed: int) -> Dataset:
+def mix_tasks(next_item: Dataset, catalog_rows: list[dict], weights: Mapping[str, float], seed: int) -> Dataset:
     """The SFT training set: each task's rows repeated `weight` times (a fraction takes a seeded sample), shuffled.
     `next_item` weighs the history -> next item rows; the alignment tasks weigh one row per catalogue item."""
     import numpy as np
@@ -83,7 +83,7 @@ def mix_tasks(next_item: Dataset, catalog: list[dict], weights: Mapping[str, flo
     for task, weight in weights.items():
         if weight <= 0:
             continue
-        rows = next_item if task == "next_item" else Dataset.from_list(alignment_records(catalog, task),
+        rows = next_item if task == "next_item" else Dataset.from_list(alignment_records(catalog_rows, task),
                                                                       features=next_item.features)  # fmt: skip
         whole, fraction = int(weight), weight - int(weight)
         parts.extend([rows] * whole)

@@ -6,6 +6,9 @@ depends on, and `tests/test_upstream.py` holds a test per workaround that fails 
 upgrade then breaks a test here instead of silently changing what a stage trains or measures.
 
     unfuse_lm_head            TRL 1.16's fused LM head reads `get_output_embeddings().weight` directly
+    unfuse_sft_head           TRL 1.16 SFTTrainer smooths labels through `trainer.label_smoother`
+    reference_logps           TRL 1.16 DPOTrainer's `compute_ref_log_probs` returns the batch's two halves
+    generation_model          TRL 1.16's `unwrap_model_for_generation` (ZeRO-3 gathers, DDP unwrapping)
     copy_reference_tokens     TRL 1.16's DPO "ref" adapter copy skips PEFT trainable-token rows
     preference_trainer        TRL 1.16 DPOTrainer's private `_prepare_dataset` / `_compute_loss`
     grpo_trainer              TRL 1.16 GRPOTrainer's private `_get_per_token_logps_and_entropies`
@@ -148,6 +151,14 @@ def unfuse_lm_head(model, temperature: float = 1.0, label_smoothing: float = 0.0
 
 
 # --- TRL's DPOTrainer -------------------------------------------------------------------------------------------------
+
+
+def unfuse_sft_head(trainer, label_smoothing: float) -> None:
+    """`unfuse_lm_head` on an SFT trainer's model, smoothing labels inside the plain head (on the labelled positions
+    only). Upstream: TRL 1.16's SFTTrainer applies `args.label_smoothing_factor` through `trainer.label_smoother`
+    on the full logits; left in place, it would smooth a second time and ask for logits the plain head never makes."""
+    unfuse_lm_head(unwrap_peft(trainer.model), label_smoothing=label_smoothing)
+    trainer.label_smoother = None
 
 
 def copy_reference_tokens(model) -> int:
@@ -295,6 +306,29 @@ def grpo_trainer(**kwargs):
             return logps, entropies, None
 
     return SharedPromptGRPOTrainer(**kwargs)
+
+
+def reference_logps(trainer, inputs: dict) -> torch.Tensor:
+    """The reference model's summed completion log-probability of every row of `inputs` [rows], through TRL's own
+    reference pass (the separate reference model, or this PEFT model under its "ref" / disabled adapter).
+
+    Upstream: TRL 1.16's `DPOTrainer.compute_ref_log_probs(model, inputs)` returns the batch's per-row sums split
+    in two halves (chosen, rejected) by `chunk(2)`; concatenated they are the rows in order, whatever their number.
+    With `ld_alpha` set it would weight the tails of the rows instead, so it is refused here."""
+    if trainer.ld_alpha is not None:
+        raise ValueError("reference_logps needs DPOConfig.ld_alpha=None (whole-completion log-probabilities)")
+    reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    return torch.cat(trainer.compute_ref_log_probs(reference, inputs))
+
+
+@contextlib.contextmanager
+def generation_model(trainer) -> Iterator:
+    """The trainer's model ready for generation: unwrapped from DDP, its ZeRO-3 shards gathered, via TRL 1.16's
+    `unwrap_model_for_generation` (a `trl.models.utils` helper its own GRPO rollouts use)."""
+    from trl.models.utils import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        yield model
 
 
 def log_metric(trainer, key: str, value: float) -> None:

@@ -241,7 +241,7 @@ def test_our_template_adds_nothing_between_prompt_and_answer(tmp_path):
     recipe = from_dict(Recipe, pipeline_recipe(tmp_path, "title", None, "beam"))
     data_stage.run(recipe)
     data = load_run_data(recipe.stage_dir("data"))
-    texts = tokenizer_texts(data.dataset, data.catalog, with_titles=False)
+    texts = tokenizer_texts(data.dataset, data.catalog_rows, with_titles=False)
     model, tokenizer, _ = build_for_training(ModelConfig(hidden_size=16, layers=1, heads=1), data.identifiers,
                                              texts, seed=0)  # fmt: skip
     inputs, _ = assert_training_text_is_the_decoding_prompt(model, tokenizer, data, tmp_path)

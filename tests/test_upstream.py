@@ -23,15 +23,18 @@ from rlrec.schema import LoraConfig, ModelConfig
 from rlrec.training.arguments import lora_config
 from rlrec.upstream import (
     copy_reference_tokens,
+    generation_model,
     has_token_adapters,
     log_metric,
     preference_trainer,
+    reference_logps,
     reorder_generated_cache,
     shared_prompt_attention,
     shared_prompt_logps,
     shuffle_whole_groups,
     tensorboard_dir,
     unfuse_lm_head,
+    unfuse_sft_head,
     unwrap_peft,
 )
 
@@ -130,6 +133,25 @@ def test_trl_fused_head_still_misses_peft_token_adapters():
         assert torch.allclose(plain(input_ids=ids, labels=labels, fused_lm_head=True).log_probs, truth, atol=1e-5)
 
 
+def test_trl_sft_still_smooths_through_its_label_smoother_and_the_plain_head_takes_over(tmp_path):
+    """Upstream behaviour behind `unfuse_sft_head`: TRL's SFTTrainer with `label_smoothing_factor` sets
+    `trainer.label_smoother` and smooths the full logits with it. Our plain head smooths on the labelled positions
+    instead, so the trainer's smoother must be off, or the loss would be smoothed twice from logits never made."""
+    model, tokenizer, _ = tiny_model()
+    args = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_steps=1,
+                         label_smoothing_factor=0.1, per_device_train_batch_size=2)  # fmt: skip
+    rows = Dataset.from_dict({"text": ["the user liked these items"] * 4})
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    assert trainer.label_smoother is not None, "TRL no longer smooths through label_smoother: see unfuse_sft_head"
+    unfuse_sft_head(trainer, 0.1)
+    assert trainer.label_smoother is None
+    ids, labels = labelled_batch(len(tokenizer))
+    smoothed = trainer.model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    plain = copy.deepcopy(model)
+    unfuse_lm_head(plain)
+    assert not torch.allclose(smoothed, plain(input_ids=ids, labels=labels, fused_lm_head=True).log_probs)
+
+
 # --- DPOTrainer: the reference adapter, the private hooks, the metrics ---------------------------------------------
 
 
@@ -187,6 +209,34 @@ def test_dpo_private_hooks_keep_their_signatures(tmp_path):
     assert calls and "input_ids" in calls[0]  # `_compute_loss` called our hook
     logged = [row for row in trainer.state.log_history if "probe/value" in row]
     assert logged and logged[0]["probe/value"] == 3.0  # `log_metric`: the mean of the step's values
+
+
+def test_reference_logps_are_the_reference_models_row_sums_in_order(tmp_path):
+    """Upstream behaviour behind `reference_logps`: TRL's `compute_ref_log_probs` returns the per-row completion sums
+    as two `chunk(2)` halves; concatenated they are every row in order, also for an odd number of rows (S-DPO lays
+    out K + 1 rows per prompt)."""
+    model, tokenizer, _ = tiny_model()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    trainer = dpo_trainer(tmp_path, model, tokenizer, ref_model=reference)
+    ids = torch.randint(3, len(tokenizer), (3, 7), generator=torch.Generator().manual_seed(1))
+    completion = torch.zeros_like(ids)
+    completion[:, 4:] = 1
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reference(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        per_token = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * completion[:, 1:]
+    assert torch.allclose(reference_logps(trainer, inputs), per_token.sum(1), atol=1e-5)
+
+
+def test_generation_model_is_the_unwrapped_trainer_model(tmp_path):
+    """`generation_model` goes through TRL's `unwrap_model_for_generation`; on one process it yields the trainer's
+    own model, which generates."""
+    model, tokenizer, _ = tiny_model()
+    trainer = dpo_trainer(tmp_path, model, tokenizer, ref_model=copy.deepcopy(model).requires_grad_(False))
+    with generation_model(trainer) as unwrapped:
+        assert unwrapped is trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        out = unwrapped.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 5)
 
 
 # --- transformers -----------------------------------------------------------------------------------------------------

@@ -40,7 +40,12 @@ class RunData:
     identifiers: dict[str, str]
     popularity: Counter  # train interaction counts
     stats: dict
-    catalog: list[dict] = field(default_factory=list)  # catalog.jsonl rows (item_id, title, identifier, ...)
+    catalog_rows: list[dict] = field(default_factory=list)  # catalog.jsonl rows (item_id, title, identifier, ...)
+
+    @property
+    def titles(self) -> dict[str, str]:
+        """item id -> title ("" for items without one)."""
+        return {row["item_id"]: row.get("title", "") for row in self.catalog_rows}
 
     def rows(self, split: str, max_users: int | None = None) -> Dataset:
         """The rows of a split, or its first `max_users` (quick checks; for selection use `sample`)."""
@@ -117,7 +122,7 @@ def window_bounds(length: int, size: int) -> list[tuple[int, int]]:
 def read_catalog(path: str | Path) -> list[dict]:
     """`catalog.jsonl`: one {"item_id", "title", "identifier", "attributes"} per line, in catalogue order; a line
     that is not such an object (a truncated or edited file) is an error naming the file and line."""
-    items = []
+    items, seen = [], {}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         try:
             item = json.loads(line)
@@ -125,6 +130,10 @@ def read_catalog(path: str | Path) -> list[dict]:
             raise DataError(f"{path}:{number}: invalid JSON at column {err.colno} ({err.msg}); truncated?") from None
         if not isinstance(item, dict) or not {"item_id", "identifier"} <= item.keys():
             raise DataError(f"{path}:{number}: expected an object with item_id and identifier")
+        item_id = item["item_id"]
+        if item_id in seen:  # one id twice would silently drop an item from the trie
+            raise DataError(f"{path}:{number}: item_id {item_id!r} again (first on line {seen[item_id]})")
+        seen[item_id] = number
         items.append(item)
     if not items:
         raise DataError(f"{path}: empty catalogue")

@@ -197,6 +197,12 @@ def encode_prompts(tokenizer, prompts: Sequence, answer: list[int] | None = None
     return [ids + answer for ids in encoded]
 
 
+def padding_id(tokenizer, trie: ItemTrie) -> int:
+    """The token that left-pads prompts: the tokenizer's pad token, or the trie's stop token when it has none
+    (padding is masked out; any id the model knows would do)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -216,18 +222,21 @@ def recommend(
     messages, or token ids (`rlrec.decoding.inputs.ModelInputs.prompt_ids`).
 
     `beam_width` >= k (default k); `exclude[i]` lists item ids never to recommend for prompt i (its history when
-    the protocol says `exclude_history`). Prompts are batched by length to limit padding."""
+    the protocol says `exclude_history`). `k` and the beam width are capped at the catalogue size: no list can hold
+    more distinct items (fewer come back when history items are excluded), and a wider beam only allocates.
+    Prompts are batched by length to limit padding."""
     from tqdm.auto import tqdm
 
-    width = max(beam_width or k, k)
-    if width < 1:
+    if k < 1:
         raise RlrecError("k must be >= 1")
+    k = min(k, len(trie.item_ids))
+    width = min(max(beam_width or k, k), len(trie.item_ids))
     model.eval()
     device = next(model.parameters()).device
     encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     position = {item: i for i, item in enumerate(trie.item_ids)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
+    pad_id = padding_id(tokenizer, trie)
     results: list[list[tuple[str, float]]] = [[] for _ in encoded]
     for start in tqdm(range(0, len(order), batch_size), desc="recommend", disable=not progress, unit="batch"):
         chunk = order[start : start + batch_size]

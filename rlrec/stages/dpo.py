@@ -33,6 +33,7 @@ import torch
 import trl
 
 from rlrec.data.prepared import RunData, load_run_data
+from rlrec.decoding.beam import padding_id
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.evaluate import check_ks
@@ -60,40 +61,51 @@ from rlrec.upstream import copy_reference_tokens, preference_trainer, unfuse_lm_
 # --- one round ------------------------------------------------------------------------------------------------------
 
 
-def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, finetune: str, out: Path,
-                round_index: int) -> dict:  # fmt: skip
-    """Mine negatives with the model in `init`, train one preference round against it, save `out/model`."""
+def preference_rows(recipe: Recipe, config: DPOConfig, data: RunData, policy, inputs: ModelInputs,
+                    round_index: int) -> tuple[list[dict], dict, float]:  # fmt: skip
+    """(preference records, their report, seconds spent mining): this round's training prompts, each with its target
+    and `negatives.total` negatives (hard ones mined by the round's starting model, the rest by popularity)."""
     timer = Timer()
-    eval_config = recipe.eval
-    policy = load_policy(init, finetune, config.lora, data)
-    model, tokenizer = policy.model, policy.tokenizer
-    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
-    trie = inputs.trie
     seed = recipe.seed + round_index - 1
     rows = train_prompts(data, config.train_rows, config.max_train_prompts, seed)[:]
     hard = None
     if config.negatives.hard:
         if torch.cuda.is_available():
-            model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # mine on this process's GPU
-        hard = mine_hard_negatives(model, tokenizer, inputs, rows, config.negatives.hard,
-                                   eval_config.exclude_history, config.negatives.beam_batch_size)  # fmt: skip
+            policy.model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # mine on this process's GPU
+        hard = mine_hard_negatives(policy.model, policy.tokenizer, inputs, rows, config.negatives.hard,
+                                   recipe.eval.exclude_history, config.negatives.beam_batch_size)  # fmt: skip
     mined_seconds = timer.seconds
     records, report = build_preferences(rows, data.item_ids, data.popularity, config.negatives, hard, seed)
     if not records:
         raise RlrecError(f"dpo round {round_index}: no preference rows left ({report})")
+    return records, report, mined_seconds
+
+
+def dpo_arguments(config: DPOConfig, out: Path, seed: int) -> trl.DPOConfig:
+    """TRL's DPOConfig for one round; pairwise DPO adds TRL's own `sft` term, S-DPO adds it in `sdpo_step`."""
+    loss_types, loss_weights = list(config.dpo_loss_type), [1.0] * len(config.dpo_loss_type)
+    if config.sft_weight and config.loss != "sdpo":
+        loss_types, loss_weights = [*loss_types, "sft"], [*loss_weights, config.sft_weight]
+    return trl.DPOConfig(**training_arguments(config.train, out, seed), beta=config.beta, loss_type=loss_types,
+                         loss_weights=loss_weights, max_length=None, precompute_ref_log_probs=False)  # fmt: skip
+
+
+def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, finetune: str, out: Path,
+                round_index: int) -> dict:  # fmt: skip
+    """Mine negatives with the model in `init`, train one preference round against it, save `out/model`."""
+    timer = Timer()
+    policy = load_policy(init, finetune, config.lora, data)
+    model, tokenizer = policy.model, policy.tokenizer
+    inputs = ModelInputs.build(tokenizer, data.identifiers, data.prompt)
+    records, report, mined_seconds = preference_rows(recipe, config, data, policy, inputs, round_index)
     sdpo = config.loss == "sdpo"
     dataset = tokenize_preferences(records, tokenizer, inputs, pairwise=not sdpo)
-    kwargs = training_arguments(config.train, out, recipe.seed)
-    loss_types, loss_weights = list(config.dpo_loss_type), [1.0] * len(config.dpo_loss_type)
-    if config.sft_weight and not sdpo:  # pairwise: TRL's own `sft` term; S-DPO adds it in sdpo_step
-        loss_types, loss_weights = [*loss_types, "sft"], [*loss_weights, config.sft_weight]
-    args = trl.DPOConfig(**kwargs, beta=config.beta, loss_type=loss_types, loss_weights=loss_weights,
-                         max_length=None, precompute_ref_log_probs=False)  # fmt: skip
+    args = dpo_arguments(config, out, recipe.seed)
     # A full model trains against a frozen copy of itself as loaded; an adapter against TRL's "ref" adapter copy.
     ref_model = None
     if policy.finetune == "full":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
+    pad_id = padding_id(tokenizer, inputs.trie)
     out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(
         "dpo",
@@ -114,7 +126,7 @@ def train_round(recipe: Recipe, config: DPOConfig, data: RunData, init: Path, fi
         unfuse_lm_head(unwrap_peft(trainer.model))
         if trainer.ref_model is not None:
             unfuse_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model))
-    guard = Guard(trainer.model, tokenizer, data, eval_config, config.guard, out, "dpo", inputs)
+    guard = Guard(trainer.model, tokenizer, data, recipe.eval, config.guard, out, "dpo", inputs)
     diagnostics = Diagnostics(f"dpo round {round_index}")
     trainer.add_callback(diagnostics)
     details = (f"{config.loss} ({policy.finetune}) from {init}, {report['prompts']:,} prompts x "

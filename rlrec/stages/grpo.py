@@ -25,12 +25,11 @@ import sys
 
 import torch
 import trl
-from trl.models.utils import unwrap_model_for_generation
 
 from rlrec.baselines import encode_histories, load_sasrec
 from rlrec.data.prepared import RunData, load_run_data, training_sequences
 from rlrec.decoding import sample_items
-from rlrec.decoding.beam import beam_search, encode_prompts, left_pad
+from rlrec.decoding.beam import beam_search, encode_prompts, left_pad, padding_id
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.errors import RlrecError
 from rlrec.evaluate import check_ks
@@ -49,7 +48,7 @@ from rlrec.stages.runner import (
 from rlrec.training.arguments import is_main_process, training_arguments, wants_plain_lm_head
 from rlrec.training.diagnostics import Diagnostics
 from rlrec.training.guard import Guard
-from rlrec.upstream import grpo_trainer, unfuse_lm_head, unwrap_peft
+from rlrec.upstream import generation_model, grpo_trainer, unfuse_lm_head, unwrap_peft
 
 # --- rollouts ---------------------------------------------------------------------------------------------------
 
@@ -77,7 +76,7 @@ def prompt_encoder(inputs: ModelInputs, tokenizer, dataset):
 def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
     """The `rollout_func` for GRPOTrainer: prompts -> G catalogue items each (token ids, item ids, beam ranks)."""
     size, trie = config.num_generations, inputs.trie
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trie.stop_token
+    pad_id = padding_id(tokenizer, trie)
     position = {item: i for i, item in enumerate(trie.item_ids)}
 
     def rollout(prompts: list, trainer) -> dict:
@@ -85,7 +84,7 @@ def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
         encoded = encode(unique)
         ids, mask = left_pad(encoded, pad_id)
         device = trainer.accelerator.device
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        with generation_model(trainer) as model:
             was_training = model.training
             model.eval()
             if config.rollout == "beam":
@@ -141,7 +140,7 @@ def item_tables(recipe: Recipe, data: RunData, rewards: dict) -> ItemTables:
     teacher = sasrec_teacher(recipe, data) if "teacher" in rewards else None
     return ItemTables(
         item_ids=data.item_ids, identifiers=data.identifiers, popularity=data.popularity,
-        sequences=training_sequences(data), titles={c["item_id"]: c.get("title", "") for c in data.catalog},
+        sequences=training_sequences(data), titles=data.titles,
         cache_dir=recipe.run_dir / "cache", teacher=teacher,
     )  # fmt: skip
 

@@ -40,7 +40,7 @@ from rlrec.training.arguments import is_main_process, lora_config, training_argu
 from rlrec.training.guard import Guard
 from rlrec.training.sft_cache import cache_key, load_cached, save_cached
 from rlrec.training.sft_rows import sequence_rows, target_rows
-from rlrec.upstream import unfuse_lm_head, unwrap_peft
+from rlrec.upstream import unfuse_sft_head
 
 
 def tokenizer_texts(dataset, catalog: list[dict], with_titles: bool, rows_per_split: int = 200) -> list[str]:
@@ -72,7 +72,7 @@ def train_sft(recipe: Recipe):
     check_ks(recipe.eval.ks, data)  # before training, not after it
     out = recipe.stage_dir("sft")
     alignment = check_rows(config, data)
-    texts = tokenizer_texts(data.dataset, data.catalog, with_titles=alignment)
+    texts = tokenizer_texts(data.dataset, data.catalog_rows, with_titles=alignment)
     model, tokenizer, token_ids = build_for_training(config.model, data.identifiers, texts, recipe.seed)
     finetune = config.resolved_finetune()
     peft_config = lora_config(config.lora, model, token_ids, config.identifier_tokens) if finetune == "lora" else None
@@ -105,8 +105,7 @@ def train_sft(recipe: Recipe):
     if cached is None:
         save_cached(data.path, key, trainer.train_dataset, is_main_process())
     if wants_plain_lm_head(config.train.lm_head, trainer.model):
-        unfuse_lm_head(unwrap_peft(trainer.model), label_smoothing=config.train.label_smoothing)
-        trainer.label_smoother = None  # smoothed inside the plain head, on the labelled positions only
+        unfuse_sft_head(trainer, config.train.label_smoothing)
     guard = None
     if config.select is not None:
         guard = Guard(trainer.model, tokenizer, data, recipe.eval, config.select, out, "sft", inputs)
@@ -150,7 +149,7 @@ def training_rows(config: SFTConfig, data: RunData, inputs: ModelInputs, seed: i
         train = without_last_rows(data.rows("train")) if config.hold_out_last else data.rows("train")
         if config.rows_per_user is not None:
             train = train.select(last_rows(train, config.rows_per_user))
-        return mix_tasks(train, data.catalog, weights, seed)
+        return mix_tasks(train, data.catalog_rows, weights, seed)
     if config.rows == "sequence":
         rows = sequence_rows(data, inputs, config.min_history, config.hold_out_last, config.rows_per_user)
     else:

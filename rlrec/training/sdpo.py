@@ -10,9 +10,9 @@ everything else of `DPOTrainer` (reference handling, including PEFT's adapter-di
 a separate reference model; the optimiser, logging, checkpoints) and replace two pieces:
 - `MultiNegativeCollator` lays a batch of B prompts with K negatives out as [chosen (B); negative 1 (B); ...;
   negative K (B)], one padded row per (prompt, item) pair;
-- `sdpo_step` scores those rows with the policy and, through TRL's own `compute_ref_log_probs`, the reference,
-  then applies `sdpo_loss`; it is the loss hook of `rlrec.upstream.preference_trainer`. Pairwise DPO goes through
-  TRL's loss untouched.
+- `sdpo_step` scores those rows with the policy and the reference (TRL's own reference pass, through
+  `upstream.reference_logps`), then applies `sdpo_loss`; it is the loss hook of `rlrec.upstream.preference_trainer`.
+  Pairwise DPO goes through TRL's loss untouched.
 Both losses read rows already tokenised from the catalogue trie (`prompt_ids`, `chosen_ids`, `rejected_ids`), so a
 completion is exactly the token sequence constrained decoding produces for that item.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from rlrec.errors import RlrecError
-from rlrec.upstream import LossHook, log_metric
+from rlrec.upstream import LossHook, log_metric, reference_logps
 
 
 def sdpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
@@ -69,9 +69,7 @@ def sdpo_step(num_negatives: int, sft_weight: float) -> LossHook:
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
                         labels=labels, fused_lm_head=True)  # fmt: skip
         logps = outputs.log_probs.sum(dim=1)
-        # TRL's reference pass: the separate reference model, or this PEFT model under its "ref" / disabled adapter
-        reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
-        ref_logps = torch.cat(trainer.compute_ref_log_probs(reference, inputs))
+        ref_logps = reference_logps(trainer, inputs)
         ratios = (logps - ref_logps).view(num_negatives + 1, -1)  # [K + 1, B]
         chosen, rejected = ratios[0], ratios[1:].T
         loss = sdpo_loss(chosen, rejected, trainer.beta).mean()
