@@ -36,6 +36,7 @@ import yaml
 
 from rlrec.config import dump_config, load_config, merge, to_dict
 from rlrec.errors import ConfigError, RlrecError
+from rlrec.ownership import child_environment, hold_run
 from rlrec.pipeline import run_pipeline
 from rlrec.recipe import Recipe
 
@@ -199,6 +200,11 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
     base = load_config(Recipe, config_path, overrides or [])
     for stage in {grid.stage(name) for name in grid.names}:
         base.section(stage)
+    with hold_run(base.run_dir, f"rlrec ablate {grid_path}"):  # the SFT run every cell starts from is ours
+        return _run_cells(base, grid, grid_path, jobs)
+
+
+def _run_cells(base: Recipe, grid: AblationGrid, grid_path: str, jobs: int) -> dict:
     if not (base.stage_dir("sft") / "model").is_dir():
         print(f"rlrec ablate: no SFT model in {base.stage_dir('sft')}; running the pipeline up to SFT", flush=True)
         run_pipeline(base, until="sft")
@@ -221,7 +227,8 @@ def run_ablation(config_path: str, grid_path: str | None = None, jobs: int = 1,
                 recipe, stage = pending.pop(0)
                 log = (recipe.run_dir / f"{stage}.log").open("w")
                 command = [sys.executable, "-m", "rlrec.cli", stage, "--config", str(cells / f"{recipe.name}.yaml")]
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                # a cell stops when this process is gone (rlrec.ownership.watch_parent)
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_environment())
                 running.append((recipe, process, time.time(), log))
             time.sleep(2)
             for entry in list(running):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from rlrec.ablate import run_ablation
 from rlrec.config import load_config
 from rlrec.errors import RlrecError, run_reporting_errors
+from rlrec.ownership import MARKER, hold_run, watch_parent
 from rlrec.pipeline import run_pipeline
 from rlrec.recipe import STAGES, Recipe
 
@@ -27,13 +28,15 @@ def _stage(args: argparse.Namespace, overrides: list[str]) -> None:
     recipe = load_config(Recipe, args.config, overrides)  # a recipe error answers before torch is imported
     recipe.check()
     stage = importlib.import_module(f"rlrec.stages.{args.stage_module}")
-    print("\n".join(stage.report(recipe, stage.run(recipe))))
+    with hold_run(recipe.run_dir, f"rlrec {' '.join(args.words)} --config {args.config}"):
+        print("\n".join(stage.report(recipe, stage.run(recipe))))
 
 
 def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
     recipe = load_config(Recipe, args.config, overrides)
     recipe.check()
-    run_pipeline(recipe)
+    with hold_run(recipe.run_dir, f"rlrec pipeline --config {args.config}"):
+        run_pipeline(recipe)
 
 
 def _publish(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -41,7 +44,7 @@ def _publish(args: argparse.Namespace, overrides: list[str]) -> None:
         raise RlrecError(f"rlrec publish: unexpected arguments {overrides}")
     publish = importlib.import_module("rlrec.publish").publish
     folder = publish(args.stage, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out)
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
     print(f"wrote {folder} ({len(files)} files{', dry run: nothing pushed' if args.dry_run else ''})")
 
 
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    watch_parent()  # a command launched by `rlrec ablate` or a pipeline stops when its launcher is gone
     _, target = COMMANDS[args.words]
     handler = _stage if isinstance(target, str) else target
     return run_reporting_errors(lambda: handler(args, overrides))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
+import math
 import re
 import types
 import typing
@@ -63,9 +65,17 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "save the recipe as UTF-8") from None  # fmt: skip
+    stream = io.StringIO(text)
+    stream.name = str(path)  # errors name the file (YAML reads the stream's name)
+    try:
+        data = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -115,6 +125,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return None
             raise _fail(key, tp, value)
         members = [arg for arg in args if arg is not type(None)]
+        if members == [int] and type(None) in args and isinstance(value, int) and value < 1:
+            # every optional count (max_users, users, max_train_prompts, threads, beam_width, ...) reads None as
+            # "all" or "the default"; 0 would silently mean one of them, or nothing
+            raise ConfigError(f"key '{key}': expected an integer >= 1, or null for all / the default; got {value}")
         if len(members) == 1:  # Optional[X]: X's own error is the useful one (e.g. an unknown nested key)
             return _coerce(value, members[0], key)
         for arg in members:
@@ -152,10 +166,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _fail(key, tp, value)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if key.rsplit(".", 1)[-1] == "seed" and value < 0:  # numpy and torch take unsigned seeds
+                raise ConfigError(f"key '{key}': expected a seed >= 0, got {value}")
             return value
         raise _fail(key, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan pass YAML as floats and train a NaN model
+                raise ConfigError(f"key '{key}': expected a finite number, got {value}")
             return float(value)
         raise _fail(key, tp, value)
     if tp is str:

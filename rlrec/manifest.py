@@ -10,6 +10,7 @@ results table trace every number back to exact inputs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,20 @@ def hash_path(path: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def fingerprint(path: str | Path) -> str:
+    """`sha256:<first 16 hex>` of a file's or folder's content (`hash_path`), computed once per process for each
+    state of the files (their names, sizes and modification times): stage keys ask for it once per stage."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    state = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _fingerprint(path, state)
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint(path: Path, state: tuple) -> str:
+    return "sha256:" + hash_path(path)[:16]
 
 
 def package_versions() -> dict[str, str]:

@@ -20,12 +20,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
 from rlrec.errors import RlrecError
 from rlrec.items.index import CODE_IN_TEXT, identifier_codes
-from rlrec.items.tokens import add_code_tokens, resize_model
+from rlrec.items.tokens import add_code_tokens, check_round_trip, resize_model
 from rlrec.schema import ModelConfig
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -76,8 +77,6 @@ def tiny_llama(
     max_position_embeddings: int = 1024, seed: int = 0,
 ) -> LlamaForCausalLM:  # fmt: skip
     """A from-scratch Llama sized to the tokenizer (tied input/output embeddings)."""
-    import torch
-
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -102,8 +101,6 @@ def tiny_phi(
     """A from-scratch Phi sized to the tokenizer (tied embeddings, rotary on every dimension), with dropout on the
     embeddings (`embd_pdrop`), the attention weights (`attention_dropout`) and the residual branches
     (`resid_pdrop`): active in train mode, off in eval mode."""
-    import torch
-
     torch.manual_seed(seed)
     config = PhiConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
@@ -163,7 +160,6 @@ def convert_gguf(file: Path, folder: Path, digest: str) -> None:
     processes converting at once both end with the same complete folder."""
     import tempfile
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"rlrec: converting {file} to a model folder in {folder} (once per file)", file=sys.stderr, flush=True)
@@ -200,7 +196,7 @@ def _load_pretrained(path: str, dtype: str):
 
     if (os.path.sep in path or path.startswith(".")) and not os.path.exists(path):
         raise RlrecError(f"model path not found: {path}")
-    torch_dtype = "auto" if dtype == "auto" else getattr(__import__("torch"), dtype)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     folder = model_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -229,6 +225,8 @@ def build_for_training(config: ModelConfig, identifiers: Mapping[str, str], text
         model, tokenizer = _load_pretrained(config.path, config.dtype)
         ensure_chat_template(tokenizer)
     token_ids = add_code_tokens(tokenizer, codes) if codes else []
+    if codes:  # a base tokenizer that splits or normalises a code token would train on other ids than it decodes
+        check_round_trip(tokenizer, identifiers)
     resize_model(model, tokenizer)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -236,6 +234,53 @@ def build_for_training(config: ModelConfig, identifiers: Mapping[str, str], text
 
 
 BASE_MODEL_DIR = "base_model"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole, or None: its header (8-byte length, then JSON) must parse and its
+    tensors must end exactly at the end of the file (a truncated copy fails here, not in a library traceback)."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path}: {size} bytes, not a safetensors file (empty or truncated)"
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > size - 8:
+            return f"{path}: truncated (the header says {length:,} bytes of metadata, the file has {size:,})"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return f"{path}: the safetensors header is not valid JSON (corrupted)"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        return f"{path}: truncated or padded ({size:,} bytes, the tensors it lists need {8 + length + end:,})"
+    return None
+
+
+def model_folder_problems(path: Path, tokenizer: bool = True) -> list[str]:
+    """What a saved model folder (a full model, or a LoRA adapter) lacks to load: config, weights (whole), tokenizer
+    (not for a from-scratch `base_model/`, which loads with its adapter's). Empty when it is complete."""
+    adapter = (path / "adapter_config.json").is_file()
+    config = "adapter_config.json" if adapter else "config.json"
+    problems = [] if (path / config).is_file() else [f"{path / config} (the model's config) is missing"]
+    for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer else ():
+        if not (path / name).is_file():
+            problems.append(f"{path / name} (the tokenizer with the identifier tokens) is missing")
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
+    index = path / f"{weights}.index.json"
+    if index.is_file():  # sharded: every shard the index names
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            return [*problems, f"{index}: not a safetensors index (corrupted)"]
+        files = [path / shard for shard in shards]
+    else:
+        files = [path / weights]
+    for file in files:
+        if not file.is_file():
+            problems.append(f"{file} (the {'adapter' if adapter else 'model'} weights) is missing")
+        elif (problem := safetensors_problem(file)) is not None:
+            problems.append(problem)
+    return problems
 
 
 def load_model(path: str | Path, device: str | None = None, trainable: bool = False):
@@ -250,6 +295,9 @@ def load_model(path: str | Path, device: str | None = None, trainable: bool = Fa
     path = Path(path)
     if not path.exists():
         raise RlrecError(f"model path not found: {path}")
+    problems = model_folder_problems(path)
+    if problems:
+        raise RlrecError(f"{path}: cannot load the model: " + "; ".join(problems))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     adapter = path / "adapter_config.json"
     if adapter.is_file():
@@ -258,6 +306,8 @@ def load_model(path: str | Path, device: str | None = None, trainable: bool = Fa
         base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
         # a from-scratch base: inside a published folder, or beside the adapter in runs/<name>/<stage>/
         local = [p for p in (path / BASE_MODEL_DIR, path.parent / BASE_MODEL_DIR) if p.is_dir()]
+        if local and (problems := model_folder_problems(local[0], tokenizer=False)):
+            raise RlrecError(f"{path}: cannot load the adapter's base model: " + "; ".join(problems))
         base = AutoModelForCausalLM.from_pretrained(str(local[0]) if local else model_folder(base_name))
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)

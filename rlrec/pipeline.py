@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,7 @@ import psutil
 from rlrec.config import dump_config
 from rlrec.errors import ConfigError, RlrecError, Stopped
 from rlrec.metrics import COLD_MAX_COUNT
+from rlrec.ownership import child_environment
 from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe, stage_inputs
 
 KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
@@ -97,7 +97,7 @@ def run_child(command: list[str]) -> tuple[int, signal.Signals | None]:
     the trainer would keep writing checkpoints into the folder a rerun resumes from. The child stays in the
     pipeline's process group, so Ctrl-C in a terminal and a kill of the whole group reach it directly (SIGINT is
     therefore not passed on again). Returns the exit code and the signal that stopped the pipeline, if one did."""
-    child = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen(command, env=child_environment())  # the child stops when this process is gone
     received: list[signal.Signals] = []
 
     def forward(signum, _frame) -> None:

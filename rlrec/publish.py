@@ -10,7 +10,8 @@ The repo folder holds what `rlrec.load` needs to recommend, and what a reader ne
 - `README.md`, the model card: YAML metadata (`base_model`, `library_name`, tags, metrics in model-index form) and
   a readable card (what it recommends, training stages and rewards, test metrics with their protocol, usage).
 
-`--dry-run` only writes the folder (default `runs/<name>/publish/<stage>/`). Otherwise it is pushed with
+`--dry-run` only writes the folder (default `runs/<name>/publish/<stage>/`; `--out` must be new, empty, or a folder
+`rlrec publish` wrote, never one holding the stage or the current folder). Otherwise it is pushed with
 `huggingface_hub` (`create_repo`, `upload_folder`); the token comes from `HF_TOKEN` or the `hf auth login` cache and
 is never written or printed by rlrec.
 """
@@ -27,7 +28,8 @@ from rlrec.config import load_config
 from rlrec.errors import RlrecError
 from rlrec.items.identifiers import IDENTIFIERS
 from rlrec.manifest import hash_path
-from rlrec.models import BASE_MODEL_DIR
+from rlrec.models import BASE_MODEL_DIR, model_folder_problems
+from rlrec.ownership import MARKER, claim_output, replace_output, staging_folder
 from rlrec.recipe import Recipe
 from rlrec.recommender import META_DIR
 
@@ -35,40 +37,66 @@ CARD_METRICS = (("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10")
                 ("valid_rate", "valid rate"), ("coverage@10", "coverage@10"))  # fmt: skip
 
 
-def _stage_files(stage_dir: Path) -> tuple[Path, Path]:
+PURPOSE = "rlrec publish"
+
+
+def stage_problems(stage_dir: Path) -> list[str]:
+    """Everything a stage folder lacks to be published and loaded again, each piece named; empty when complete.
+    Checked before anything is written or pushed: a repo without weights would upload a broken model."""
     model_dir, data_dir = stage_dir / "model", stage_dir.parent / "data"
     required = {
-        model_dir: "a trained model",
         stage_dir / "metrics.json": "its metrics",
         stage_dir / "config.yaml": "its resolved recipe",
         data_dir / "catalog.jsonl": "the catalogue",
     }
-    for path, what in required.items():
-        if not path.exists():
-            raise RlrecError(f"{stage_dir}: cannot publish, {path} ({what}) is missing; is this a finished stage?")
-    return model_dir, data_dir
+    problems = [f"{path} ({what}) is missing" for path, what in required.items() if not path.is_file()]
+    if not model_dir.is_dir():
+        return [f"{model_dir} (a trained model) is missing; is this a finished stage?", *problems]
+    problems += model_folder_problems(model_dir)
+    base = stage_dir / BASE_MODEL_DIR
+    if base.is_dir():  # a from-scratch base the adapter needs
+        problems += model_folder_problems(base, tokenizer=False)
+    if (stage_dir / "config.yaml").is_file():
+        recipe = load_config(Recipe, stage_dir / "config.yaml")
+        kind = recipe.section("data").prompt.identifier
+        if IDENTIFIERS[kind].needs_index and not (data_dir / "index.json").is_file():
+            problems.append(f"{data_dir / 'index.json'} (the semantic-ID index its {kind} identifiers read) is missing")
+        adapter = (model_dir / "adapter_config.json").is_file()
+        if adapter and recipe.sft is not None and recipe.sft.model.from_scratch and not base.is_dir():
+            problems.append(f"{base} (the from-scratch base model its adapter is trained on) is missing")
+    return problems
 
 
 def export(stage_dir: str | Path, out: str | Path, repo_id: str) -> Path:
-    """Write the repo folder for `stage_dir` into `out` (replaced if it exists)."""
-    stage_dir, out = Path(stage_dir), Path(out)
-    model_dir, data_dir = _stage_files(stage_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"))
-    base = stage_dir / BASE_MODEL_DIR
-    if (model_dir / "adapter_config.json").is_file() and base.is_dir():
-        shutil.copytree(base, out / BASE_MODEL_DIR)
-    meta = out / META_DIR
-    meta.mkdir()
-    shutil.copy(stage_dir / "config.yaml", meta / "recipe.yaml")
-    shutil.copy(stage_dir / "metrics.json", meta / "metrics.json")
-    shutil.copy(data_dir / "catalog.jsonl", meta / "catalog.jsonl")
-    for source, name in ((stage_dir / "manifest.json", "manifest.json"), (data_dir / "index.json", "index.json")):
-        if source.is_file():
-            shutil.copy(source, meta / name)
-    (out / "README.md").write_text(model_card(stage_dir, out, repo_id), encoding="utf-8")
-    return out
+    """Write the repo folder for `stage_dir` into `out`: a new or empty folder, or one `rlrec publish` wrote before
+    (replaced). Written into a temporary sibling and renamed when complete (`rlrec.ownership`)."""
+    stage_dir = Path(stage_dir)
+    model_dir, data_dir = stage_dir / "model", stage_dir.parent / "data"
+    problems = stage_problems(stage_dir)
+    if problems:
+        raise RlrecError(f"{stage_dir}: cannot publish: " + "; ".join(problems))
+    target = claim_output(out, PURPOSE, inputs=[stage_dir, data_dir])
+    staging = staging_folder(target)
+    try:
+        repo = staging
+        shutil.copytree(model_dir, repo, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"),
+                        dirs_exist_ok=True)  # fmt: skip
+        base = stage_dir / BASE_MODEL_DIR
+        if (model_dir / "adapter_config.json").is_file() and base.is_dir():
+            shutil.copytree(base, repo / BASE_MODEL_DIR)
+        meta = repo / META_DIR
+        meta.mkdir()
+        shutil.copy(stage_dir / "config.yaml", meta / "recipe.yaml")
+        shutil.copy(stage_dir / "metrics.json", meta / "metrics.json")
+        shutil.copy(data_dir / "catalog.jsonl", meta / "catalog.jsonl")
+        for source, name in ((stage_dir / "manifest.json", "manifest.json"), (data_dir / "index.json", "index.json")):
+            if source.is_file():
+                shutil.copy(source, meta / name)
+        (repo / "README.md").write_text(model_card(stage_dir, repo, repo_id), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return replace_output(staging, target, PURPOSE)
 
 
 def _base_model(out: Path) -> tuple[str | None, str | None]:
@@ -85,20 +113,9 @@ def _base_model(out: Path) -> tuple[str | None, str | None]:
     return None, f"`{name}` (a local model, not included)"
 
 
-def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
-    recipe = load_config(Recipe, stage_dir / "config.yaml")  # the stage's resolved recipe, strictly typed
-    metrics = json.loads((stage_dir / "metrics.json").read_text())
-    catalog_size = sum(1 for _ in (out / META_DIR / "catalog.jsonl").open())
-    stage, run = stage_dir.name, recipe.name
-    protocol = metrics.get("protocol", {})
-    test = (metrics.get("test") or {}).get("metrics", {})
-    adapter = (out / "adapter_config.json").is_file()
-    data = recipe.section("data")
-    identifier, source = data.prompt.identifier, data.source
-    dataset_name = Path(source.path or source.format).name
-    protocol_name = f"{protocol.get('split_method', '?')}, full catalogue of {protocol.get('num_items', '?')} items"
-
-    base, base_text = _base_model(out)
+def _card_metadata(base: str | None, adapter: bool, stage: str, identifier: str, repo_id: str, dataset_name: str,
+                   source_format: str, test: dict, protocol_name: str) -> dict:  # fmt: skip
+    """The model card's YAML header: base model, library, tags and (with test metrics) the Hub's model-index."""
     metadata: dict = {"base_model": base} if base else {}
     metadata.update(library_name="peft" if adapter else "transformers",
                     tags=["rlrec", "recommendation", "generative-recommendation", stage,
@@ -109,14 +126,17 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
             "name": repo_id.split("/")[-1],
             "results": [{
                 "task": {"type": "text-generation", "name": "Sequential recommendation (next item)"},
-                "dataset": {"name": dataset_name, "type": source.format, "split": "test"},
+                "dataset": {"name": dataset_name, "type": source_format, "split": "test"},
                 "metrics": [{"type": key, "value": test[key], "name": f"{label} ({protocol_name})"}
                             for key, label in CARD_METRICS if key in test],
             }],
         }]  # fmt: skip
+    return metadata
 
+
+def _training_stages(recipe: Recipe, stage: str, training: dict) -> list[str]:
+    """One line per stage the published model went through, with the settings a reader needs to reproduce it."""
     stages = ["SFT (next item" + (", item alignment tasks" if _has_alignment(recipe) else "") + ")"]
-    training = metrics.get("training", {})
     if stage == "grpo":
         grpo = recipe.section("grpo")
         rewards = ", ".join(f"{name} x {weight:g}" for name, weight in grpo.rewards.items())
@@ -132,6 +152,27 @@ def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
         stages.append(f"{'S-DPO' if dpo.loss == 'sdpo' else 'DPO'} (beta {dpo.beta:g}, negatives per prompt: "
                       f"{negatives}, {rounds} round{'s' if rounds > 1 else ''}, kept step "
                       f"{training.get('saved_step', '?')} of the last round by the validation guard)")  # fmt: skip
+    return stages
+
+
+def model_card(stage_dir: Path, out: Path, repo_id: str) -> str:
+    recipe = load_config(Recipe, stage_dir / "config.yaml")  # the stage's resolved recipe, strictly typed
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    catalog_size = sum(1 for _ in (out / META_DIR / "catalog.jsonl").open())
+    stage, run = stage_dir.name, recipe.name
+    protocol = metrics.get("protocol", {})
+    test = (metrics.get("test") or {}).get("metrics", {})
+    adapter = (out / "adapter_config.json").is_file()
+    data = recipe.section("data")
+    identifier, source = data.prompt.identifier, data.source
+    dataset_name = Path(source.path or source.format).name
+    protocol_name = f"{protocol.get('split_method', '?')}, full catalogue of {protocol.get('num_items', '?')} items"
+
+    base, base_text = _base_model(out)
+    metadata = _card_metadata(base, adapter, stage, identifier, repo_id, dataset_name, source.format, test,
+                              protocol_name)  # fmt: skip
+    training = metrics.get("training", {})
+    stages = _training_stages(recipe, stage, training)
     model_text = "full model"
     if adapter:
         model_text = "LoRA adapter on " + (base_text or "a from-scratch base model (in `base_model/`)")
@@ -200,7 +241,8 @@ def publish(stage_dir: str | Path, repo_id: str, private: bool = False, dry_run:
     api = HfApi()  # token: HF_TOKEN, or the login cache; never passed through rlrec's arguments or files
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"rlrec: {stage_dir}")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"rlrec: {stage_dir}",
+                          ignore_patterns=[MARKER])  # fmt: skip
     except Exception as err:  # HTTP status, connection, offline mode: one clear line, the folder is kept
         raise RlrecError(f"Hub upload of {folder} to {repo_id} failed ({type(err).__name__}: {err}); the folder "
                          "is ready, rerun when the Hub is reachable") from None  # fmt: skip

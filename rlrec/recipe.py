@@ -24,6 +24,7 @@ from typing import Literal
 
 from rlrec.config import to_dict
 from rlrec.errors import ConfigError
+from rlrec.manifest import fingerprint
 from rlrec.rewards import check_rewards
 from rlrec.schema import (
     DataConfig,
@@ -185,12 +186,31 @@ def _read(recipe: Recipe, path: str):
     return to_dict(value)
 
 
+def _file_paths(value, key: str = "") -> dict[str, str]:
+    """The local paths a recipe section names (`path`, `*_path` keys: data files, indexes, model folders, GGUF
+    files), by dotted key. A hub id or a path that does not exist is not a file here; the section holds its text."""
+    if isinstance(value, dict):
+        found: dict[str, str] = {}
+        for name, item in value.items():
+            found.update(_file_paths(item, f"{key}.{name}" if key else name))
+        return found
+    name = key.rsplit(".", 1)[-1]
+    if (name == "path" or name.endswith("_path")) and isinstance(value, str) and Path(value).exists():
+        return {key: value}
+    return {}
+
+
 def stage_inputs(recipe: Recipe, stage: str) -> dict:
     """Everything a stage's output depends on, as a readable dict: the seed, the recipe sections it reads and, for
     each stage it needs, that stage's inputs (recursively). The pipeline's key is its hash (rlrec.pipeline); a
     training stage records it beside its checkpoints and resumes only from checkpoints with the same inputs
     (rlrec.training.arguments.last_checkpoint). A stage's inputs never hold a sibling's: editing `sasrec` changes
-    SFT's inputs only if SFT read it."""
-    return {"stage": stage, "seed": recipe.seed,
-            "sections": {path: _read(recipe, path) for path in STAGE[stage].reads},
+    SFT's inputs only if SFT read it.
+
+    `files` holds the content fingerprint (`rlrec.manifest.fingerprint`) of every local file or folder those
+    sections name: an interactions file edited in place reruns the stages that read it, and a resume across it is
+    refused with the file named."""
+    sections = {path: _read(recipe, path) for path in STAGE[stage].reads}
+    files = {key: f"{path} ({fingerprint(path)})" for key, path in _file_paths(sections).items()}
+    return {"stage": stage, "seed": recipe.seed, "sections": sections, "files": files,
             "needs": {need: stage_inputs(recipe, need) for need in stage_needs(recipe, stage)}}  # fmt: skip

@@ -10,7 +10,7 @@ the stage's `metrics.json`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +51,23 @@ class Recommender:
         self.inputs = ModelInputs.build(self.tokenizer, self.identifiers, self.prompt)
         self.trie = self.inputs.trie
 
-    def recommend(self, history: Sequence[str], k: int = 10) -> list[tuple[str, float]]:
-        """Top-k (item id, log-probability) for one history of item ids, oldest first."""
-        return self.recommend_batch([history], k)[0]
-
-    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
-        """Top-k per history, batched as in evaluation (the recipe's eval batch size, beam width and history
-        exclusion), so the run's test rows give the stage's test metrics."""
-        if isinstance(histories, str) or any(isinstance(h, str) for h in histories):
+    def recommend(self, history: Iterable[str], k: int = 10) -> list[tuple[str, float]]:
+        """Top-k (item id, log-probability) for one history of item ids, oldest first (any iterable, read once).
+        `k` is capped at the catalogue size; with history exclusion fewer items can come back."""
+        if isinstance(history, str):
             raise RlrecError("a history is a list of item ids, oldest first (e.g. ['12', '7']), not a string")
+        return self.recommend_batch([list(history)], k)[0]
+
+    def recommend_batch(self, histories: Iterable[Iterable[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+        """Top-k per history, batched as in evaluation (the recipe's eval batch size, beam width and history
+        exclusion), so the run's test rows give the stage's test metrics. Histories may be any iterables (each is
+        read once); `k` and the beam width are capped at the catalogue size."""
+        if isinstance(histories, str):
+            raise RlrecError("histories are lists of item ids, oldest first (e.g. [['12', '7']]), not a string")
+        histories = list(histories)
+        if any(isinstance(h, str) for h in histories):
+            raise RlrecError("a history is a list of item ids, oldest first (e.g. ['12', '7']), not a string")
+        histories = [list(h) for h in histories]  # generators are read here, once
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise RlrecError(f"k must be a positive integer, got {k!r}")
         unknown = sorted({item for history in histories for item in history if item not in self.identifiers})
@@ -128,7 +136,7 @@ def check_weights(model, path: Path) -> None:
         ("input embeddings", model.get_input_embeddings()),
         ("output layer", model.get_output_embeddings()),
     ):
-        layer = getattr(layer, "base_layer", layer)  # under PEFT token adapters: the wrapped embedding
+        # under PEFT's token adapters `weight` is the wrapper's merged matrix: the base rows and the trained ones
         weight = getattr(layer, "weight", None)
         if weight is None:
             continue

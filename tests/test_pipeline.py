@@ -81,12 +81,15 @@ def test_keys_follow_the_stage_graph_not_the_stage_order(tmp_path):
 def test_a_sasrec_edit_keeps_the_sft_checkpoints_resumable(tmp_path):
     """SFT's checkpoint record (stage_inputs) holds only what SFT reads: after a SASRec edit an interrupted SFT
     resumes from its checkpoints; after an SFT edit it refuses them, naming what changed."""
+    import torch
+    from safetensors.torch import save_file
+
     raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     out = tmp_path / "sft"
     assert last_checkpoint(out, True, stage_inputs(from_dict(Recipe, raw), "sft"), "sft") is None  # records them
     (out / "checkpoints" / "checkpoint-20").mkdir(parents=True)  # then a checkpoint is saved, and the run killed
     (out / "checkpoints" / "checkpoint-20" / "trainer_state.json").write_text("{}")
-    (out / "checkpoints" / "checkpoint-20" / "model.safetensors").write_text("")
+    save_file({"w": torch.zeros(2)}, str(out / "checkpoints" / "checkpoint-20" / "model.safetensors"))
     raw["sasrec"]["hidden"] = 32
     found = last_checkpoint(out, True, stage_inputs(from_dict(Recipe, raw), "sft"), "sft")
     assert found is not None and found.endswith("checkpoint-20")

@@ -19,6 +19,7 @@ import rlrec
 from rlrec.config import from_dict
 from rlrec.data.prepared import load_run_data
 from rlrec.evaluate import score_lists
+from rlrec.ownership import MARKER
 from rlrec.recipe import Recipe
 from rlrec.stages import data, sft
 from tests.conftest import REPO, tiny_pipeline
@@ -134,7 +135,8 @@ def test_push_to_a_recording_hub_sends_every_file_and_writes_no_token(lora_stage
     files = [line["value"] for line in lines if line["key"] == "file"]
     sent = {file["path"]: base64.b64decode(file["content"]) for file in files}
     on_disk = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    assert sent == on_disk, sorted(set(sent) ^ set(on_disk))
+    assert sent == {k: v for k, v in on_disk.items() if k != MARKER}, sorted(set(sent) ^ set(on_disk))
+    assert MARKER in on_disk  # rlrec's mark of its own folder stays local
     assert all(call["auth"] == f"Bearer {TOKEN}" for call in RecordingHub.calls), paths
 
     # The token reached the server from the environment, and nowhere else: not in output, not in any file written.
@@ -168,3 +170,102 @@ def test_a_new_identifier_kind_runs_end_to_end_through_publish(tmp_path, monkeyp
     lists = recommender.recommend_batch(rows["history"], k=3)
     assert all(recommender.identifiers[item] == f"item{item}" for ranked in lists for item, _ in ranked)
     assert sum(len(ranked) for ranked in lists) == 15
+
+
+# --- publishing never deletes what is not its own, and never exports a broken stage ---------------------------------
+
+
+def publish_main(capsys, *args: str) -> tuple[int, str]:
+    """`rlrec publish ...` in this process: (exit code, stderr)."""
+    from rlrec.cli import main
+
+    code = main(["publish", *args])
+    return code, capsys.readouterr().err
+
+
+def test_publish_refuses_folders_it_did_not_make_and_deletes_nothing(lora_stage, tmp_path, monkeypatch, capsys):
+    """Before: `--out .` emptied the current folder, `--out runs/<name>` deleted the run, `--out keep` deleted
+    `keep/notes.txt` (the folder was removed before anything was checked)."""
+    scratch = tmp_path / "scratch"
+    (scratch / "keep").mkdir(parents=True)
+    (scratch / "mine.txt").write_text("a user's file")
+    (scratch / "keep" / "notes.txt").write_text("notes")
+    monkeypatch.chdir(scratch)
+    run_files = sorted(p for p in lora_stage.parent.rglob("*") if p.is_file())
+    cases = {".": "current folder", str(lora_stage.parent): "overlaps the input", "keep": "not written by rlrec",
+             str(lora_stage): "overlaps the input", "mine.txt": "is a file"}  # fmt: skip
+    for out, message in cases.items():
+        code, err = publish_main(capsys, str(lora_stage), "--repo-id", "a/b", "--dry-run", "--out", out)
+        assert code == 2 and message in err and "Traceback" not in err, (out, err)
+    assert (scratch / "mine.txt").read_text() == "a user's file"
+    assert (scratch / "keep" / "notes.txt").read_text() == "notes"
+    assert sorted(p for p in lora_stage.parent.rglob("*") if p.is_file()) == run_files
+    # its own folder is replaced whole; no temporary sibling is left
+    first = scratch / "published"
+    assert publish_main(capsys, str(lora_stage), "--repo-id", "a/b", "--dry-run", "--out", "published")[0] == 0
+    (first / "stale.txt").write_text("left by hand")
+    assert publish_main(capsys, str(lora_stage), "--repo-id", "a/c", "--dry-run", "--out", "published")[0] == 0
+    assert not (first / "stale.txt").exists() and "a/c" not in (first / "README.md").read_text().split("\n")[0]
+    assert 'rlrec.load("a/c")' in (first / "README.md").read_text()
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep", "mine.txt", "published"]
+
+
+@pytest.mark.parametrize("missing", ["model/adapter_model.safetensors", "model/tokenizer.json", "metrics.json",
+                                     "base_model/model.safetensors", "truncated"])  # fmt: skip
+def test_publish_names_every_missing_piece_before_writing(lora_stage, tmp_path, capsys, missing):
+    """Before: a stage without weights or tokenizer exported (exit 0) a repo folder a push would upload broken."""
+    import shutil
+
+    stage = tmp_path / "run" / "sft"
+    shutil.copytree(lora_stage.parent / "data", tmp_path / "run" / "data")
+    shutil.copytree(lora_stage, stage)
+    if missing == "truncated":
+        weights = stage / "model" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        expected = "truncated"
+    else:
+        (stage / missing).unlink()
+        expected = str(stage / missing)
+    out = tmp_path / "out"
+    code, err = publish_main(capsys, str(stage), "--repo-id", "a/b", "--dry-run", "--out", str(out))
+    assert code == 2 and "cannot publish" in err and expected in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("damage", ["empty weights", "truncated weights", "tokenizer.json", "config.json",
+                                    "tokenizer_config.json", "catalogue id twice"])  # fmt: skip
+def test_load_of_a_damaged_folder_is_one_error_naming_the_file(lora_stage, tmp_path, capsys, damage):
+    """Before: a library traceback naming no file, or (one id twice) an item dropped without a word."""
+    folder = tmp_path / "published"
+    assert publish_main(capsys, str(lora_stage), "--repo-id", "a/b", "--dry-run", "--out", str(folder))[0] == 0
+    named = {"empty weights": folder / "adapter_model.safetensors",
+             "truncated weights": folder / "adapter_model.safetensors",
+             "config.json": folder / "base_model" / "config.json",
+             "catalogue id twice": folder / "rlrec" / "catalog.jsonl"}.get(damage, folder / damage)  # fmt: skip
+    if damage == "empty weights":
+        named.write_bytes(b"")
+    elif damage == "truncated weights":
+        named.write_bytes(named.read_bytes()[: named.stat().st_size // 2])
+    elif damage == "catalogue id twice":
+        lines = named.read_text().splitlines()
+        named.write_text("\n".join([*lines, lines[0]]) + "\n")
+    else:
+        named.unlink()
+    with pytest.raises(rlrec.errors.RlrecError) as caught:
+        rlrec.load(folder)
+    assert str(named) in str(caught.value) or named.name in str(caught.value), caught.value
+
+
+def test_recommend_caps_k_at_the_catalogue_and_reads_any_iterable_once(lora_stage, tmp_path, capsys):
+    """Before: k=10**9 allocated until the kernel killed the process; a generator history was consumed by the id
+    check and answered as an empty history."""
+    folder = tmp_path / "published"
+    assert publish_main(capsys, str(lora_stage), "--repo-id", "a/b", "--dry-run", "--out", str(folder))[0] == 0
+    recommender = rlrec.load(folder)
+    history = list(recommender.identifiers)[:3]
+    everything = recommender.recommend(history, k=10**9)
+    catalogue = len(recommender.identifiers)
+    excluded = 3 if recommender.eval.exclude_history else 0
+    assert len(everything) == catalogue - excluded and len({item for item, _ in everything}) == len(everything)
+    assert recommender.recommend(iter(history), k=5) == recommender.recommend(history, k=5)
+    assert recommender.recommend_batch(iter([iter(history)]), k=5) == [recommender.recommend(history, k=5)]

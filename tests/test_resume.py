@@ -280,3 +280,31 @@ def test_sigint_during_training_is_one_line_and_the_rerun_resumes(tmp_path):
     recipe_path.write_text(yaml.safe_dump(raw))
     result = run_cli("sft", "--config", str(recipe_path))
     assert result.returncode == 0 and "resume from " + str(checkpoints / "checkpoint-") in result.stderr + result.stdout
+
+
+def test_a_resumed_sft_run_is_the_uninterrupted_run(tmp_path):
+    """What a run killed after checkpoint 100 of 120 holds (that checkpoint, the inputs record) resumes to the same
+    weights and test metrics as the run that was never stopped: dropout, the data order and the guard's state all
+    come back from the checkpoint (transformers' `rng_state.pth`, its batch skipping, `guard_state.json`). The last
+    reliability pass measured test NDCG@10 0.4381-0.4479 after resumes against 0.4517, before the guard resumed."""
+    from safetensors.torch import load_file
+
+    def recipe(out: Path) -> Recipe:
+        raw = tiny_pipeline(out, max_steps=120)
+        raw["sft"]["model"].update(architecture="phi", dropout=0.1)
+        raw["sft"]["select"] = {"eval_steps": 20, "users": None, "patience": 0}
+        return from_dict(Recipe, raw)
+
+    full, resumed = recipe(tmp_path / "full"), recipe(tmp_path / "resumed")
+    data_stage.run(full)
+    sft.run(full)
+    shutil.copytree(full.stage_dir("data"), resumed.stage_dir("data"))
+    checkpoints = resumed.stage_dir("sft") / "checkpoints"
+    shutil.copytree(full.stage_dir("sft") / "checkpoints" / "checkpoint-100", checkpoints / "checkpoint-100")
+    shutil.copy(full.stage_dir("sft") / "checkpoints" / "inputs.json", checkpoints / "inputs.json")
+    sft.run(resumed)
+    before, after = (json.loads((r.stage_dir("sft") / "metrics.json").read_text()) for r in (full, resumed))
+    assert after["training"]["resumed_from"].endswith("checkpoint-100") and after["training"]["steps_run"] == 20
+    assert after["test"]["metrics"] == before["test"]["metrics"]
+    weights = [load_file(str(r.stage_dir("sft") / "model" / "model.safetensors")) for r in (full, resumed)]
+    assert all(weights[0][name].equal(weights[1][name]) for name in weights[0])

@@ -57,7 +57,9 @@ def _read_samples(path: Path, catalog: Catalog, bad: BadRows) -> list[Sample]:
     samples = []
     with path.open(encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: utf-8 that drops a BOM
         reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty file; expected a CSV with the header {', '.join(REQUIRED_COLUMNS)}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in reader.fieldnames]
         if missing:
             raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; have {reader.fieldnames}")
         for row in reader:

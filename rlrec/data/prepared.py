@@ -16,7 +16,7 @@ import json
 import random
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +27,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from rlrec.config import from_dict, to_dict
 from rlrec.data.types import Catalog, Interactions, RawData, Sample
 from rlrec.errors import DataError, RlrecError
+from rlrec.ownership import MARKER, claim_output
 from rlrec.schema import DataConfig, PromptConfig
 
 
@@ -185,12 +186,23 @@ def compute_stats(raw: RawData, splits: dict[str, list[Sample]], config: DataCon
     }
 
 
+PURPOSE = "prepared data"
+
+
+def _prepared_before_markers(folder: Path) -> bool:
+    return (folder / "catalog.jsonl").is_file() and (folder / "dataset").is_dir()
+
+
 def write_prepared(out: Path, dataset: DatasetDict, catalog: Catalog, identifiers: dict[str, str],
-                   interactions: Interactions | None, sid_index: dict | None, stats: dict) -> None:  # fmt: skip
-    """Replace `out` with the prepared folder (the layout in the module docstring)."""
+                   interactions: Interactions | None, sid_index: dict | None, stats: dict,
+                   inputs: Sequence[str | Path] = ()) -> None:  # fmt: skip
+    """Replace `out` with the prepared folder (the layout in the module docstring). Only a folder the data stage
+    wrote is replaced, never one holding its `inputs` (the source files) or anything else (`rlrec.ownership`)."""
+    claim_output(out, PURPOSE, inputs, made_by_rlrec=_prepared_before_markers)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / MARKER).write_text(PURPOSE + "\n", encoding="utf-8")
     datasets.disable_progress_bars()  # a save takes well under a second; the bars would only be noise
     dataset.save_to_disk(str(out / "dataset"))
     datasets.enable_progress_bars()

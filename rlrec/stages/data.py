@@ -51,8 +51,9 @@ def run(recipe: Recipe) -> dict:
         stats["sid_index"] = {"source": raw.sid_index_source, "used": IDENTIFIERS[config.prompt.identifier].needs_index}
     check_not_empty(config, stats)
     dataset = build_dataset(splits, identifiers, config.prompt)
-    write_prepared(recipe.stage_dir("data"), dataset, raw.catalog, identifiers, raw.interactions, raw.sid_index, stats)
     inputs = [p for p in (config.source.path, config.source.items_path, config.source.index_path, index_path) if p]
+    write_prepared(recipe.stage_dir("data"), dataset, raw.catalog, identifiers, raw.interactions, raw.sid_index,
+                   stats, inputs)  # fmt: skip
     write_outputs(recipe, "data", inputs, timer)
     return stats
 

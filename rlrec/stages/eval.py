@@ -7,9 +7,11 @@ manifest.json.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rlrec.data.prepared import load_run_data
+from rlrec.errors import RlrecError
 from rlrec.evaluate import eval_rows, evaluate_generative, write_report
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
@@ -26,7 +28,17 @@ def run(recipe: Recipe) -> dict:
     rows = eval_rows(data, config.split, config, config.max_users)
     results = {}
     model_path = Path(config.model) if config.model else recipe.latest_model()
-    if model_path is not None:
+    if model_path is None:
+        if not config.baselines:
+            raise RlrecError(f"{recipe.run_dir}: no trained model (no sft/grpo/dpo model/) and no eval.baselines: "
+                             "nothing to evaluate; train with `rlrec sft` or set eval.model")  # fmt: skip
+        print(
+            f"rlrec eval: {recipe.run_dir} has no trained model yet (no sft/grpo/dpo model/); the table holds "
+            "the baselines only (train with `rlrec sft`, or set eval.model)",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
         model, tokenizer = load_model(str(model_path))
         results[model_path.parent.name if model_path.name == "model" else model_path.name] = {
             **evaluate_generative(model, tokenizer, data, config, rows),

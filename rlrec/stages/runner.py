@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,7 @@ from rlrec.errors import RlrecError, run_reporting_errors
 from rlrec.evaluate import eval_rows, evaluate_generative, sample_protocol, write_ranks
 from rlrec.manifest import write_manifest
 from rlrec.models import load_model
+from rlrec.ownership import hold_run, watch_parent
 from rlrec.recipe import Recipe
 from rlrec.stages.posttrain import Policy, copy_base_model
 from rlrec.training.arguments import checkpoint_step, is_main_process, last_checkpoint, trainable_parameters
@@ -102,7 +104,14 @@ def train_and_save(trainer, out: Path, label: str, details: str, resume: bool, i
         guard.attach(trainer)
     summary = fit(trainer, out, label, details, resume, inputs)
     saved_step = guard.restore_best() if guard is not None and keep_best else trainer.state.global_step
-    trainer.save_model(str(out / "model"))
+    # saved whole into a sibling, then renamed: a run killed while saving never leaves a `model/` that looks finished
+    partial = out / ".model.partial"
+    trainer.save_model(str(partial))
+    trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        if (out / "model").exists():  # this stage's own earlier model (the stage folder is the run's)
+            shutil.rmtree(out / "model")
+        os.replace(partial, out / "model")
     if policy is not None:
         copy_base_model(policy, out)
     trainer.accelerator.wait_for_everyone()
@@ -199,7 +208,14 @@ def stage_main(prog: str, run: Callable[[Recipe], object], argv: list[str] | Non
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", required=True)
     args, overrides = parser.parse_known_args(argv)
-    code = run_reporting_errors(lambda: run(load_config(Recipe, args.config, overrides)))
+    watch_parent()  # launched by `rlrec pipeline`: stop when it is gone
+
+    def body() -> None:
+        recipe = load_config(Recipe, args.config, overrides)
+        with hold_run(recipe.run_dir, f"{prog} --config {args.config}"):
+            run(recipe)
+
+    code = run_reporting_errors(body)
     if code == 0:
         finish_distributed()
     return code

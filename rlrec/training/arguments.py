@@ -17,6 +17,7 @@ import peft
 import torch
 
 from rlrec.errors import ConfigError
+from rlrec.models import safetensors_problem
 from rlrec.schema import LoraConfig, TrainConfig
 from rlrec.upstream import has_token_adapters, unwrap_peft
 
@@ -111,6 +112,9 @@ def last_checkpoint(output_dir: Path, resume: bool, inputs: dict, stage: str) ->
                   file=sys.stderr)  # fmt: skip
         elif not any((path / name).is_file() for name in WEIGHTS):
             print(f"rlrec: {path} has no weights ({' / '.join(WEIGHTS)}), not resuming from it", file=sys.stderr)
+        elif problems := [p for f in path.glob("*.safetensors") if (p := safetensors_problem(f)) is not None]:
+            print(f"rlrec: {problems[0]}; not resuming from {path.name}, trying the checkpoint before it",
+                  file=sys.stderr)  # fmt: skip
         else:
             return str(path)
     return None
