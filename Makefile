@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIPENV) $(PIP) install -q --upgrade pip
-	$(PIPENV) $(PIP) install -q -c constraints.txt -e '.[dev,embed,plot,deepspeed,gguf]'
+	$(PIPENV) $(PIP) install -q -c constraints.txt -e '.[dev,embed,plot,deepspeed,gguf,tune]'
 	touch $@
 
 demo: install

@@ -52,6 +52,11 @@ def _ablate(args: argparse.Namespace, overrides: list[str]) -> None:
     run_ablation(args.config, args.grid, args.jobs, overrides)
 
 
+def _tune(args: argparse.Namespace, overrides: list[str]) -> None:
+    tune = importlib.import_module("rlrec.tune")  # Optuna is imported only when tuning
+    print("\n".join(tune.report(tune.run_tune(args.config, args.space, args.budget, overrides))))
+
+
 Handler = Callable[[argparse.Namespace, list[str]], None]
 # command words -> (help, the stage it runs, or a handler of its own)
 COMMANDS: dict[tuple[str, ...], tuple[str, str | Handler]] = {
@@ -59,6 +64,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str | Handler]] = {
     ("pipeline",): ("items -> data -> baselines -> sft -> grpo/dpo -> eval, skipping finished stages", _pipeline),
     ("publish",): ("a trained stage -> Hugging Face Hub repo (adapter, tokenizer, catalogue, model card)", _publish),
     ("ablate",): ("GRPO / DPO once per (variant, seed) of a grid from the same SFT model, then a table", _ablate),
+    ("tune",): ("search a stage's settings on validation (Optuna TPE + median pruning on the guard)", _tune),
 }
 
 
@@ -81,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--dry-run", action="store_true", help="only write the folder; push nothing")
             cmd.add_argument("--out", help="folder to write (default runs/<name>/publish/<stage>)")
             cmd.set_defaults(words=words)
+            continue
+        if words == ("tune",):
+            cmd.add_argument("--config", help="recipe YAML (default: the space's `recipe`)")
+            cmd.add_argument("--space", required=True, help="search space YAML (stage, params, sampler, pruner)")
+            cmd.add_argument("--budget", required=True, help="trials (20) or CPU-seconds of the trials (3600s)")
+            cmd.set_defaults(words=words, stage_module=None)
             continue
         cmd.add_argument("--config", required=True, help="recipe YAML")
         if words == ("ablate",):

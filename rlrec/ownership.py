@@ -33,6 +33,8 @@ from rlrec.errors import RlrecError
 
 MARKER = ".rlrec-output"
 LOCK_FILE = ".lock"
+PIPELINE_KEY = ".pipeline_key"  # written by `rlrec pipeline` into a stage folder when the stage starts
+BOOKKEEPING = {LOCK_FILE, PIPELINE_KEY}  # rlrec's own files: a folder holding only these counts as empty
 LOCK_ENV = "RLREC_RUN_LOCK"
 PARENT_ENV = "RLREC_PARENT_PID"
 
@@ -58,7 +60,7 @@ def claim_output(out: str | Path, purpose: str, inputs: Iterable[str | Path] = (
             raise RlrecError(f"{out}: overlaps the input {source}; choose a folder outside it for the {purpose}")
     if target.exists() and not target.is_dir():
         raise RlrecError(f"{out}: is a file, not a folder; choose a new folder for the {purpose}")
-    if target.is_dir() and any(target.iterdir()):
+    if target.is_dir() and any(p.name not in BOOKKEEPING for p in target.iterdir()):
         marker = target / MARKER
         owner = marker.read_text(encoding="utf-8", errors="replace").strip() if marker.is_file() else None
         if owner != purpose and not (owner is None and made_by_rlrec is not None and made_by_rlrec(target)):

@@ -37,10 +37,10 @@ import psutil
 from rlrec.config import dump_config
 from rlrec.errors import ConfigError, RlrecError, Stopped
 from rlrec.metrics import COLD_MAX_COUNT
-from rlrec.ownership import child_environment
+from rlrec.ownership import PIPELINE_KEY, child_environment
 from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe, stage_inputs
 
-KEY_FILE = ".pipeline_key"  # written when a stage starts: the folder belongs to the pipeline, with this key
+KEY_FILE = PIPELINE_KEY  # written when a stage starts: the folder belongs to the pipeline, with this key
 
 
 def stage_keys(recipe: Recipe, stages: list[str]) -> dict[str, str]:
@@ -71,16 +71,21 @@ def _mark_done(folder: Path, key: str, seconds: float) -> None:
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
+def stage_command(stage: str, recipe_file: Path, config: PipelineConfig) -> list[str]:
+    """The command that runs a training stage as its own process: `python -m rlrec.stages.<stage>`, or under
+    `accelerate launch` with `pipeline.accelerate_config` (DDP, DeepSpeed, FSDP; one or many processes)."""
     module = f"rlrec.stages.{stage}"
     if config.launcher == "python":
-        command = [sys.executable, "-m", module, "--config", str(recipe_file)]
-    else:
-        accelerate_config = Path(config.accelerate_config)
-        if not accelerate_config.is_file():
-            raise ConfigError(f"pipeline.accelerate_config: {accelerate_config} does not exist (cwd {Path.cwd()})")
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                   "-m", module, "--config", str(recipe_file)]  # fmt: skip
+        return [sys.executable, "-m", module, "--config", str(recipe_file)]
+    accelerate_config = Path(config.accelerate_config)
+    if not accelerate_config.is_file():
+        raise ConfigError(f"pipeline.accelerate_config: {accelerate_config} does not exist (cwd {Path.cwd()})")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+            "-m", module, "--config", str(recipe_file)]  # fmt: skip
+
+
+def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
+    command = stage_command(stage, recipe_file, config)
     print(f"rlrec pipeline: {' '.join(command[2:] if config.launcher == 'accelerate' else command)}", flush=True)
     code, stopped_by = run_child(command)
     if stopped_by == signal.SIGINT:
@@ -89,6 +94,14 @@ def _launch(stage: str, recipe_file: Path, config: PipelineConfig) -> None:
         raise Stopped(stopped_by.name)
     if code != 0:
         raise RlrecError(f"stage {stage} failed (exit code {code}); rerun the pipeline to resume it")
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Send `signum` to a process and every process under it (a launcher and its ranks)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signum)
 
 
 def run_child(command: list[str]) -> tuple[int, signal.Signals | None]:
@@ -102,12 +115,8 @@ def run_child(command: list[str]) -> tuple[int, signal.Signals | None]:
 
     def forward(signum, _frame) -> None:
         received.append(signal.Signals(signum))
-        if signum != signal.SIGTERM:
-            return
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for process in [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.send_signal(signum)
+        if signum == signal.SIGTERM:
+            signal_tree(child.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

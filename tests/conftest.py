@@ -21,7 +21,8 @@ from rlrec.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # every shipped recipe (the ablation grids beside them are grids, parsed in test_grpo)
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "ablations")
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name not in ("ablations", "tune"))
+TUNE_SPACES = sorted((REPO / "recipes").rglob("tune/*.yaml"))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -91,6 +91,17 @@ def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     assert guard.restore_best() == 0
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
     assert [json.loads(line)["step"] for line in (recipe.stage_dir("grpo") / "guard.jsonl").open()] == [0, 1]
+    # kept step 0: said on the console and in the warnings that go to metrics.json (issue 31)
+    guard._warn_if_no_gain(1)
+    assert [w["kind"] for w in guard.warnings] == ["validation_fell", "kept_start"]
+    assert "saved weights are step 0's" in guard.warnings[-1]["message"]
+    guard._warn_if_no_gain(1)  # once
+    assert len(guard.warnings) == 2
+    ended = Guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, keep_best=False),
+                  recipe.stage_dir("grpo"), "grpo")  # fmt: skip
+    ended.history = [{"step": 0, "ndcg@10": 0.3}, {"step": 5, "ndcg@10": 0.4}, {"step": 9, "ndcg@10": 0.2}]
+    ended._warn_if_no_gain(9)
+    assert [w["kind"] for w in ended.warnings] == ["ended_below_start"]
 
 
 @pytest.mark.distributed

@@ -146,6 +146,28 @@ class Guard(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if not self.history or self.history[-1]["step"] != state.global_step:
             self.evaluate(state.global_step, control)
+        self._warn_if_no_gain(state.global_step)
+
+    def _warn_if_no_gain(self, step: int) -> None:
+        """A stage that did not beat where it started on validation says so (console and metrics.json): its kept
+        weights are the start model's, or its last ones are worse than the start."""
+        if len(self.history) < 2 or self.history[0]["step"] != 0:  # no step-0 evaluation: nothing to compare with
+            return
+        start, last = self.history[0][self.metric], self.history[-1][self.metric]
+        if self.config.keep_best and self.best[1] == 0:
+            kind = "kept_start"
+            message = (f"no evaluation beat the start model's validation {self.metric} {start:.4f}: the saved "
+                       "weights are step 0's, unchanged by training")  # fmt: skip
+        elif last < start:
+            kind = "ended_below_start"
+            message = f"validation {self.metric} ended at {last:.4f}, below the start model's {start:.4f}"
+        else:
+            return
+        if any(w["kind"] == kind for w in self.warnings):  # once, also across a resume
+            return
+        self.warnings.append({"kind": kind, "step": step, "message": message, "start": start, "last": last})
+        if is_main_process():
+            print(f"rlrec {self.label} warning: {message}", file=sys.stderr, flush=True)
 
     def _save_state(self, args, state) -> None:
         if not is_main_process():
