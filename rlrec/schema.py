@@ -388,8 +388,14 @@ class GuardConfig:
     # the fraction of the planned steps before the first periodic evaluation: under a decaying schedule (cosine) the
     # high-rate early epochs are never the best, so evaluating them only costs time. 0: from the first step on
     start: float = 0.0
+    # a diagnostic: also score this split (same sample size and seed) at every evaluation, written to guard.jsonl as
+    # `<split>_ndcg@K` and never used to choose; for measuring whether validation predicts it
+    # (bench/valid_test_agreement.py). `rlrec tune` trials never set it.
+    shadow_split: Literal["test"] | None = None
 
     def __post_init__(self) -> None:
+        if self.shadow_split == self.split:
+            raise ConfigError(f"guard.shadow_split: the guard already selects on {self.split}")
         if isinstance(self.eval_steps, int) and self.eval_steps < 1:
             raise ConfigError("guard.eval_steps: a number of steps >= 1, or 'epoch'")
         if not 0 <= self.start < 1:

@@ -173,6 +173,9 @@ def trial_recipe(base: Recipe, space: TuneSpace, values: dict[str, Any], trials_
     raw = with_values(base, values)
     raw.update(name=f"t{number:03d}", output_dir=str(trials_dir))
     raw[space.stage]["eval_splits"] = []  # the guard's validation is the objective; test is never scored here
+    guard = "select" if space.stage == "sft" else "guard"
+    if isinstance(raw[space.stage].get(guard), dict):
+        raw[space.stage][guard]["shadow_split"] = None
     return raw
 
 

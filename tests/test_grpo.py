@@ -16,6 +16,7 @@ from transformers import TrainerControl
 from rlrec.ablate import AblationGrid, cell_recipe, run_ablation
 from rlrec.config import from_dict, load_config
 from rlrec.data.prepared import load_run_data
+from rlrec.errors import ConfigError
 from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
@@ -102,6 +103,24 @@ def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     ended.history = [{"step": 0, "ndcg@10": 0.3}, {"step": 5, "ndcg@10": 0.4}, {"step": 9, "ndcg@10": 0.2}]
     ended._warn_if_no_gain(9)
     assert [w["kind"] for w in ended.warnings] == ["ended_below_start"]
+
+
+def test_a_shadow_split_is_recorded_and_never_chosen_on(shared_data, sft_run, tmp_path):
+    """`guard.shadow_split: test` scores test beside validation at every evaluation (for measuring whether
+    validation predicts test, bench/valid_test_agreement.py); the best step follows validation only."""
+    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path))
+    data = load_run_data(recipe.stage_dir("data"))
+    model, tokenizer = load_model(recipe.stage_dir("sft") / "model", trainable=True)
+    guard = Guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, shadow_split="test"),
+                  recipe.stage_dir("grpo"), "grpo")  # fmt: skip
+    control = TrainerControl()
+    guard.evaluate(0, control)
+    guard.history[0]["ndcg@10"], guard.best = 0.5, (0.5, 0)  # validation says step 0 is far better
+    guard.evaluate(1, control)
+    assert all("test_ndcg@10" in entry for entry in guard.history)
+    assert guard.best[1] == 0  # chosen on validation, whatever test said
+    with pytest.raises(ConfigError, match="already selects on test"):
+        GuardConfig(shadow_split="test", split="test")
 
 
 @pytest.mark.distributed

@@ -51,6 +51,7 @@ class Guard(TrainerCallback):
         self.model, self.tokenizer, self.data, self.config, self.out, self.label = (
             model, tokenizer, data, config, out, label)  # fmt: skip
         self.rows = data.sample(config.split, config.users, config.seed)
+        self.shadow_rows = data.sample(config.shadow_split, config.users, config.seed) if config.shadow_split else None
         self.inputs = inputs if inputs is not None else ModelInputs.build(tokenizer, data.identifiers, data.prompt)
         width = max(eval_config.beam_width or config.k, config.k)
         self.eval_config = EvalConfig(ks=[config.k], beam_width=width, batch_size=eval_config.batch_size,
@@ -79,6 +80,10 @@ class Guard(TrainerCallback):
         cpu_started = time.process_time()
         result = evaluate_generative(model, self.tokenizer, self.data, self.eval_config, self.rows, self.inputs,
                                      progress=False)["metrics"]  # fmt: skip
+        shadow = None
+        if self.shadow_rows is not None:  # recorded beside the curve, never compared, so never chosen on
+            shadow = evaluate_generative(model, self.tokenizer, self.data, self.eval_config, self.shadow_rows,
+                                         self.inputs, progress=False)["metrics"][self.metric]  # fmt: skip
         self.eval_cpu_seconds += time.process_time() - cpu_started
         if training:
             model.train()
@@ -86,6 +91,8 @@ class Guard(TrainerCallback):
         entry = {"step": step, self.metric: value, f"hr@{self.config.k}": hr, "users": len(self.rows),
                  "seconds": round(time.time() - self.started[0], 1),
                  "cpu_seconds": round(time.process_time() - self.started[1], 1)}  # fmt: skip
+        if shadow is not None:
+            entry[f"{self.config.shadow_split}_{self.metric}"] = shadow
         self.history.append(entry)
         if value > self.best[0]:
             self.best, self.stale = (value, step), 0
