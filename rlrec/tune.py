@@ -323,7 +323,7 @@ def run_tune(config_path: str | None, space_path: str, budget: str, overrides: l
             _enqueue_first(study, space, base)
         distributions = {key: param.distribution() for key, param in space.params.items()}
         print(f"rlrec tune: {space.stage} on {base.name}, {len(space.params)} keys, budget {amount:g} "
-              f"{unit.replace('_', ' ')}, {len(study.trials)} trials so far -> {out}", flush=True)  # fmt: skip
+              f"{unit.replace('_', ' ')}, {len(trial_rows(study))} trials run before -> {out}", flush=True)  # fmt: skip
         while not _spent(study, unit, amount):
             trial = study.ask(distributions)
             run_trial(study, trial, space, base, out / "trials")

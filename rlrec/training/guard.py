@@ -156,8 +156,8 @@ class Guard(TrainerCallback):
         self._warn_if_no_gain(state.global_step)
 
     def _warn_if_no_gain(self, step: int) -> None:
-        """A stage that did not beat where it started on validation says so (console and metrics.json): its kept
-        weights are the start model's, or its last ones are worse than the start."""
+        """A stage that did not beat where it started on validation says so (console and metrics.json): the weights
+        it keeps are the start model's, or (keeping the last ones) they are worse than the start."""
         if len(self.history) < 2 or self.history[0]["step"] != 0:  # no step-0 evaluation: nothing to compare with
             return
         start, last = self.history[0][self.metric], self.history[-1][self.metric]
@@ -165,7 +165,7 @@ class Guard(TrainerCallback):
             kind = "kept_start"
             message = (f"no evaluation beat the start model's validation {self.metric} {start:.4f}: the saved "
                        "weights are step 0's, unchanged by training")  # fmt: skip
-        elif last < start:
+        elif not self.config.keep_best and last < start:  # the saved weights are the last ones
             kind = "ended_below_start"
             message = f"validation {self.metric} ended at {last:.4f}, below the start model's {start:.4f}"
         else:
