@@ -1,7 +1,8 @@
 """Does validation predict test? For stage runs trained with `guard.shadow_split: test` (the guard also scores the
 test split at every evaluation, same sample, never used to choose), print per run: the Spearman rank correlation of
 validation and test NDCG@K over the evaluations (epochs or steps), the step validation would keep and the step test
-would have kept, and the test value lost by choosing on validation.
+would have kept, the test value lost by choosing on validation, and the test value a choice on the trailing mean of
+3 or 5 validation evaluations would have kept (on the same curve: patience acted on the raw values).
 
     python bench/valid_test_agreement.py runs/ml100k-seq/sft runs/sci-sid-seq/sft [--json out.json]
 """
@@ -13,6 +14,8 @@ import json
 from pathlib import Path
 
 from scipy.stats import spearmanr
+
+SMOOTHING = (3, 5)  # trailing windows of validation evaluations a smoothed choice would average
 
 
 def agreement(stage_dir: Path) -> dict:
@@ -27,8 +30,13 @@ def agreement(stage_dir: Path) -> dict:
     chosen = max(range(len(curve)), key=lambda i: valid[i])
     oracle = max(range(len(curve)), key=lambda i: test[i])
     rho = spearmanr(valid, test).statistic if len(curve) > 2 else float("nan")
+    smoothed = {}
+    for window in SMOOTHING:  # the best trailing mean of `window` validation evaluations
+        means = [sum(valid[max(0, i - window + 1) : i + 1]) / len(valid[max(0, i - window + 1) : i + 1])
+                 for i in range(len(valid))]  # fmt: skip
+        smoothed[f"test_at_smooth_{window}"] = test[max(range(len(curve)), key=lambda i: means[i])]
     return {"run": str(stage_dir), "evaluations": len(curve), "spearman": round(float(rho), 3),
-            "valid_choice_step": curve[chosen]["step"], "test_at_valid_choice": test[chosen],
+            "valid_choice_step": curve[chosen]["step"], "test_at_valid_choice": test[chosen], **smoothed,
             "test_best_step": curve[oracle]["step"], "test_best": test[oracle],
             "test_lost": round(test[oracle] - test[chosen], 5)}  # fmt: skip
 
@@ -39,16 +47,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     rows = [agreement(stage) for stage in args.stages]
-    print(
-        "| run | evaluations | Spearman valid/test | valid keeps step | test there | test's best step | test best "
-        "| lost |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    smooth = " | ".join(f"test, smooth {w}" for w in SMOOTHING)
+    print(f"| run | evaluations | Spearman valid/test | valid keeps step | test there | {smooth} | test's best step "
+          "| test best | lost |")  # fmt: skip
+    print("|---" * (8 + len(SMOOTHING)) + "|")
     for r in rows:
-        print(
-            f"| {r['run']} | {r['evaluations']} | {r['spearman']:.3f} | {r['valid_choice_step']} | "
-            f"{r['test_at_valid_choice']:.4f} | {r['test_best_step']} | {r['test_best']:.4f} | {r['test_lost']:.4f} |"
-        )
+        cells = " | ".join(f"{r[f'test_at_smooth_{w}']:.4f}" for w in SMOOTHING)
+        print(f"| {r['run']} | {r['evaluations']} | {r['spearman']:.3f} | {r['valid_choice_step']} | "
+              f"{r['test_at_valid_choice']:.4f} | {cells} | {r['test_best_step']} | {r['test_best']:.4f} | "
+              f"{r['test_lost']:.4f} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -392,6 +392,10 @@ class GuardConfig:
     # `<split>_ndcg@K` and never used to choose; for measuring whether validation predicts it
     # (bench/valid_test_agreement.py). `rlrec tune` trials never set it.
     shadow_split: Literal["test"] | None = None
+    # choose on the trailing mean of this many evaluations (the current one included) instead of one evaluation:
+    # with a few hundred validation users one epoch's value is noisy, and its single peaks were not test's
+    # (docs/tune.md, "Selection that predicts test"). 1: the evaluation itself
+    smooth: int = 1
 
     def __post_init__(self) -> None:
         if self.shadow_split == self.split:
@@ -400,8 +404,8 @@ class GuardConfig:
             raise ConfigError("guard.eval_steps: a number of steps >= 1, or 'epoch'")
         if not 0 <= self.start < 1:
             raise ConfigError(f"guard.start: a fraction of the training steps in [0, 1), got {self.start}")
-        if (self.users is not None and self.users < 1) or self.k < 1 or self.patience < 0:
-            raise ConfigError("guard: users and k must be >= 1, patience >= 0")
+        if (self.users is not None and self.users < 1) or self.k < 1 or self.patience < 0 or self.smooth < 1:
+            raise ConfigError("guard: users, k and smooth must be >= 1, patience >= 0")
 
 
 # --- sft -------------------------------------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def _guard_curve(path: Path) -> list[dict]:
 
 
 def _objective(curve: list[dict], metric: str, keep_best: bool) -> float | None:
-    values = [entry[metric] for entry in curve]
+    """What the guard chose on: the best (or, keeping the last weights, the last) value, smoothed when it was."""
+    values = [entry.get("smoothed", entry[metric]) for entry in curve]
     if not values:
         return None
     return max(values) if keep_best else values[-1]
@@ -221,7 +222,7 @@ def run_trial(study, trial, space: TuneSpace, base: Recipe, trials_dir: Path) ->
                 time.sleep(1.0)
                 curve = _guard_curve(recipe.stage_dir(space.stage) / "guard.jsonl")
                 for entry in curve[reported:]:
-                    trial.report(entry[metric], reported)
+                    trial.report(entry.get("smoothed", entry[metric]), reported)
                     reported += 1
                     if space.pruner.enabled and trial.should_prune():
                         pruned = True
@@ -229,7 +230,7 @@ def run_trial(study, trial, space: TuneSpace, base: Recipe, trials_dir: Path) ->
                     signal_tree(process.pid, signal.SIGTERM)
                     process.wait()
             for entry in _guard_curve(recipe.stage_dir(space.stage) / "guard.jsonl")[reported:]:  # after the end
-                trial.report(entry[metric], reported)
+                trial.report(entry.get("smoothed", entry[metric]), reported)
                 reported += 1
         except BaseException:  # the tuner is stopped: stop the trial too, and leave it to be marked failed
             signal_tree(process.pid, signal.SIGTERM)
@@ -410,7 +411,7 @@ def write_study(study, space: TuneSpace, base: Recipe, config_path: str, space_p
         value = "-" if r["value"] is None else f"{r['value']:.4f}"
         mark = " (best)" if best is not None and r["number"] == best["number"] else ""
         lines.append(f"| {r['number']}{mark} | {r['state']} | {value} | "
-                     + " | ".join(f"{r['params'].get(k, '-')}" for k in keys)
+                     + " | ".join(_shown(r["params"].get(k, "-")) for k in keys)
                      + f" | {r['cpu_seconds'] if r['cpu_seconds'] is not None else '-'} |")  # fmt: skip
     (out / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plotted = _plot(rows, out / "trials.png")
@@ -434,12 +435,18 @@ def write_study(study, space: TuneSpace, base: Recipe, config_path: str, space_p
     return summary
 
 
+def _shown(value: Any) -> str:
+    """A value as the table shows it: floats to 4 significant digits (trials.csv keeps them whole)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     done = [r for r in rows if r["value"] is not None]
@@ -457,6 +464,7 @@ def _plot(rows: list[dict], path: Path) -> bool:
         line.append((r["number"], best if best > -math.inf else math.nan))
     ax.plot(*zip(*line, strict=True), color="gray", label="best so far")
     ax.set(xlabel="trial", ylabel="valid NDCG (guard)", title="rlrec tune")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     with contextlib.suppress(OSError):

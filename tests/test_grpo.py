@@ -123,6 +123,23 @@ def test_a_shadow_split_is_recorded_and_never_chosen_on(shared_data, sft_run, tm
         GuardConfig(shadow_split="test", split="test")
 
 
+def test_a_smoothed_guard_chooses_on_the_trailing_mean(shared_data, sft_run, tmp_path):
+    """`smooth: 3` compares the mean of the last three evaluations: a single peak does not win over a plateau."""
+    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path))
+    data = load_run_data(recipe.stage_dir("data"))
+    model, tokenizer = load_model(recipe.stage_dir("sft") / "model", trainable=True)
+    guard = Guard(model, tokenizer, data, EvalConfig(ks=[10]), GuardConfig(users=16, smooth=3),
+                  recipe.stage_dir("grpo"), "grpo")  # fmt: skip
+    guard.history = [{"step": 0, "ndcg@10": 0.9}, {"step": 1, "ndcg@10": 0.1}]  # a peak, then a fall
+    guard.best = (0.9, 0)
+    guard.evaluate(2, TrainerControl())
+    raw = guard.history[-1]["ndcg@10"]
+    assert guard.history[-1]["smoothed"] == pytest.approx((0.9 + 0.1 + raw) / 3)
+    assert guard.best == (0.9, 0)  # the smoothed value (at most 0.67) does not beat the recorded best
+    with pytest.raises(ConfigError, match="smooth must be >= 1"):
+        GuardConfig(smooth=0)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow(reason="two GRPO processes under accelerate launch: ~15 s")
 def test_grpo_two_cpu_processes(shared_data, sft_run, tmp_path):

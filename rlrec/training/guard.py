@@ -94,6 +94,9 @@ class Guard(TrainerCallback):
         if shadow is not None:
             entry[f"{self.config.shadow_split}_{self.metric}"] = shadow
         self.history.append(entry)
+        if self.config.smooth > 1:  # the trailing mean of the last `smooth` evaluations is what is compared
+            window = [e[self.metric] for e in self.history[-self.config.smooth :]]
+            value = entry["smoothed"] = sum(window) / len(window)
         if value > self.best[0]:
             self.best, self.stale = (value, step), 0
             if self.config.keep_best:
@@ -103,10 +106,16 @@ class Guard(TrainerCallback):
             if self.config.patience and self.stale >= self.config.patience:
                 control.should_training_stop = True
                 self._warn(step, value)
-        self._log(step, {f"guard/{self.metric}": value, f"guard/hr@{self.config.k}": hr}, control)
+        logged = {f"guard/{self.metric}": entry[self.metric], f"guard/hr@{self.config.k}": hr}
+        smoothed = ""
+        if "smoothed" in entry:
+            logged[f"guard/smoothed_{self.metric}"] = value
+            smoothed = f", mean of the last {self.config.smooth} {value:.4f}"
+        self._log(step, logged, control)
         if is_main_process():
-            print(f"rlrec {self.label} guard: step {step} {self.config.split} {self.metric} {value:.4f} "
-                  f"(best {self.best[0]:.4f} at step {self.best[1]}, {len(self.rows)} users)", flush=True)  # fmt: skip
+            print(f"rlrec {self.label} guard: step {step} {self.config.split} {self.metric} {entry[self.metric]:.4f}"
+                  f"{smoothed} (best {self.best[0]:.4f} at step {self.best[1]}, {len(self.rows)} users)",
+                  flush=True)  # fmt: skip
             with (self.out / "guard.jsonl").open("a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
 
