@@ -288,8 +288,11 @@ def grpo_trainer(**kwargs):
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **multimodal):  # fmt: skip
+            # activation checkpointing turns the KV cache off in training (transformers sets use_cache=False), and
+            # the shared prompt needs its cache: TRL's full rows then
             if (compute_aux_loss or any(v is not None for v in multimodal.values()) or self.args.entropy_coef
-                    or self.accelerator.distributed_type != DistributedType.NO):  # fmt: skip
+                    or self.accelerator.distributed_type != DistributedType.NO
+                    or self.args.gradient_checkpointing):  # fmt: skip
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                     **multimodal,
