@@ -200,18 +200,22 @@ def fill(doc: str, name: str, text: str) -> str:
     return pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), doc)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=str(REPO / "bench/results.yaml"))
-    parser.add_argument("--doc", default=str(REPO / "docs/results.md"))
+def doc_tables(description: str, spec: str, doc: str) -> tuple[argparse.Namespace, Path, str, list]:
+    """The command line every doc-table builder shares (--spec, --doc, --tables): (arguments, the doc's path, its
+    text, the (name, table spec) pairs to rebuild)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--spec", default=str(REPO / spec))
+    parser.add_argument("--doc", default=str(REPO / doc))
     parser.add_argument("--tables", nargs="*", help="rebuild only these tables (default: all)")
     args = parser.parse_args()
-    spec = yaml.safe_load(Path(args.spec).read_text())
-    doc_path = Path(args.doc)
-    doc = doc_path.read_text()
-    for name, table_spec in spec["tables"].items():
-        if args.tables and name not in args.tables:
-            continue
+    tables = yaml.safe_load(Path(args.spec).read_text())["tables"].items()
+    return args, Path(args.doc), Path(args.doc).read_text(), [(n, t) for n, t in tables if not args.tables or
+                                                               n in args.tables]  # fmt: skip
+
+
+def main() -> None:
+    args, doc_path, doc, tables = doc_tables(__doc__.splitlines()[0], "bench/results.yaml", "docs/results.md")
+    for name, table_spec in tables:
         text, summary = build_table(name, table_spec)
         image = doc_path.parent / "img" / f"results_{name}.png"
         title = table_spec.get("title", name)

@@ -15,17 +15,14 @@ as missing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import textwrap
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import expand, fill, mean_std  # noqa: E402  (bench/ is not a package)
+from results import doc_tables, expand, fill, mean_std  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,17 +113,8 @@ def plot(title: str, curves: dict, out: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=str(REPO / "bench/sft_levers.yaml"))
-    parser.add_argument("--doc", default=str(REPO / "docs/sft.md"))
-    parser.add_argument("--tables", nargs="*", help="rebuild only these tables (default: all)")
-    args = parser.parse_args()
-    spec = yaml.safe_load(Path(args.spec).read_text())
-    doc_path = Path(args.doc)
-    doc = doc_path.read_text()
-    for name, table_spec in spec["tables"].items():
-        if args.tables and name not in args.tables:
-            continue
+    _, doc_path, doc, tables = doc_tables(__doc__.splitlines()[0], "bench/sft_levers.yaml", "docs/sft.md")
+    for name, table_spec in tables:
         text, curves = table(name, table_spec)
         image = doc_path.parent / "img" / f"sft_levers_{name}.png"
         title = f"{table_spec['title']}: validation NDCG@10 per epoch against CPU seconds (seed {table_spec['seed']})"
