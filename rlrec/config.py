@@ -241,15 +241,25 @@ def parse_overrides(args: Sequence[str]) -> dict:
             value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""  # noqa: S506 - SafeLoader subclass
         except yaml.YAMLError:
             value = raw
-        node = result
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted!r} conflicts with another override")
-        node[parts[-1]] = value
+        try:
+            set_dotted(result, dotted, value)
+        except ConfigError:
+            raise ConfigError(f"override {dotted!r} conflicts with another override") from None
         i += 1
     return result
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts, making the sections on the way (a missing or null one becomes a section)."""
+    node = tree
+    *sections, last = dotted.split(".")
+    for part in sections:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"key {dotted!r}: {part} holds a value, not a section")
+    node[last] = value
 
 
 def merge(base: dict, override: Mapping) -> dict:

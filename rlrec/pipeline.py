@@ -40,8 +40,6 @@ from rlrec.metrics import COLD_MAX_COUNT
 from rlrec.ownership import PIPELINE_KEY, child_environment
 from rlrec.recipe import ORDER, STAGE, PipelineConfig, Recipe, stage_inputs
 
-KEY_FILE = PIPELINE_KEY  # written when a stage starts: the folder belongs to the pipeline, with this key
-
 
 def stage_keys(recipe: Recipe, stages: list[str]) -> dict[str, str]:
     """Each stage's key: a hash of its inputs (rlrec.recipe.stage_inputs), which hold the sections it reads and the
@@ -57,7 +55,7 @@ def stage_state(folder: Path, key: str) -> str:
     manifest = folder / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("pipeline_key") == key:
         return "done"
-    marker = folder / KEY_FILE
+    marker = folder / PIPELINE_KEY
     if marker.is_file():
         return "resume" if marker.read_text().strip() == key else "stale"
     return "foreign" if folder.exists() and any(folder.iterdir()) else "new"
@@ -158,7 +156,7 @@ def run_pipeline(recipe: Recipe, until: str | None = None) -> str:
         elif state == "resume":
             print(f"rlrec pipeline: {stage}: unfinished run with the same inputs, resuming", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / KEY_FILE).write_text(keys[stage] + "\n")
+        (folder / PIPELINE_KEY).write_text(keys[stage] + "\n")
         print(f"rlrec pipeline: {stage}: running", flush=True)
         stage_started = time.time()
         if STAGE[stage].launched:

@@ -78,13 +78,12 @@ def export(stage_dir: str | Path, out: str | Path, repo_id: str) -> Path:
     target = claim_output(out, PURPOSE, inputs=[stage_dir, data_dir])
     staging = staging_folder(target)
     try:
-        repo = staging
-        shutil.copytree(model_dir, repo, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"),
+        shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"),
                         dirs_exist_ok=True)  # fmt: skip
         base = stage_dir / BASE_MODEL_DIR
         if (model_dir / "adapter_config.json").is_file() and base.is_dir():
-            shutil.copytree(base, repo / BASE_MODEL_DIR)
-        meta = repo / META_DIR
+            shutil.copytree(base, staging / BASE_MODEL_DIR)
+        meta = staging / META_DIR
         meta.mkdir()
         shutil.copy(stage_dir / "config.yaml", meta / "recipe.yaml")
         shutil.copy(stage_dir / "metrics.json", meta / "metrics.json")
@@ -92,7 +91,7 @@ def export(stage_dir: str | Path, out: str | Path, repo_id: str) -> Path:
         for source, name in ((stage_dir / "manifest.json", "manifest.json"), (data_dir / "index.json", "index.json")):
             if source.is_file():
                 shutil.copy(source, meta / name)
-        (repo / "README.md").write_text(model_card(stage_dir, repo, repo_id), encoding="utf-8")
+        (staging / "README.md").write_text(model_card(stage_dir, staging, repo_id), encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

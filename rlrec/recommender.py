@@ -54,9 +54,7 @@ class Recommender:
     def recommend(self, history: Iterable[str], k: int = 10) -> list[tuple[str, float]]:
         """Top-k (item id, log-probability) for one history of item ids, oldest first (any iterable, read once).
         `k` is capped at the catalogue size; with history exclusion fewer items can come back."""
-        if isinstance(history, str):
-            raise RlrecError("a history is a list of item ids, oldest first (e.g. ['12', '7']), not a string")
-        return self.recommend_batch([list(history)], k)[0]
+        return self.recommend_batch([history], k)[0]
 
     def recommend_batch(self, histories: Iterable[Iterable[str]], k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-k per history, batched as in evaluation (the recipe's eval batch size, beam width and history

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlrec.config import dump_config, from_dict, load_config, to_dict
+from rlrec.config import dump_config, from_dict, load_config, set_dotted, to_dict
 from rlrec.errors import ConfigError, RlrecError
 from rlrec.ownership import child_environment, hold_run
 from rlrec.pipeline import run_pipeline, signal_tree, stage_command
@@ -141,18 +141,6 @@ def parse_budget(text: str) -> tuple[str, float]:
     return unit, amount
 
 
-def _set(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    for part in key.split(".")[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"params.{key}: {part} is not a section")
-        node = child
-    node[key.split(".")[-1]] = value
-
-
 def _get(raw: dict, key: str) -> Any:
     node: Any = raw
     for part in key.split("."):
@@ -164,7 +152,7 @@ def with_values(base: Recipe, values: dict[str, Any]) -> dict:
     """The base recipe (as a dict) with `values` set at their dotted keys; checked strictly as a recipe."""
     raw = to_dict(base)
     for key, value in values.items():
-        _set(raw, key, value)
+        set_dotted(raw, key, value)
     from_dict(Recipe, raw)  # an unknown key or a value out of range fails here, naming the key
     return raw
 

@@ -106,6 +106,9 @@ def train_and_save(trainer, out: Path, label: str, details: str, resume: bool, i
     saved_step = guard.restore_best() if guard is not None and keep_best else trainer.state.global_step
     # saved whole into a sibling, then renamed: a run killed while saving never leaves a `model/` that looks finished
     partial = out / ".model.partial"
+    if is_main_process() and partial.exists():  # left by a run killed while saving: never mixed into this one
+        shutil.rmtree(partial)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():
