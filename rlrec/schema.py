@@ -377,7 +377,9 @@ class GuardConfig:
     file, which on a real dataset were far from representative (NDCG@10 .0111 on the first 1,500 rows of one
     Amazon split, .0271 on all of them)."""
 
-    eval_steps: int | Literal["epoch"] = 25
+    # every N steps; a number in (0, 1): that share of the planned steps (transformers' convention for its own
+    # eval_steps: 0.1 is ten evaluations a run whatever the dataset's size); or at the end of every epoch
+    eval_steps: int | float | Literal["epoch"] = 25
     users: int | None = 500  # None: every user of the split
     seed: int = 0  # which users the sample holds; fixed across a grid's seeds, so all cells select on the same users
     split: Literal["valid", "test"] = "valid"
@@ -400,8 +402,10 @@ class GuardConfig:
     def __post_init__(self) -> None:
         if self.shadow_split == self.split:
             raise ConfigError(f"guard.shadow_split: the guard already selects on {self.split}")
-        if isinstance(self.eval_steps, int) and self.eval_steps < 1:
-            raise ConfigError("guard.eval_steps: a number of steps >= 1, or 'epoch'")
+        if (isinstance(self.eval_steps, int) and self.eval_steps < 1) or (
+                isinstance(self.eval_steps, float) and not 0 < self.eval_steps < 1):  # fmt: skip
+            raise ConfigError(f"guard.eval_steps: a number of steps >= 1, a share of the planned steps in (0, 1), "
+                              f"or 'epoch'; got {self.eval_steps}")  # fmt: skip
         if not 0 <= self.start < 1:
             raise ConfigError(f"guard.start: a fraction of the training steps in [0, 1), got {self.start}")
         if (self.users is not None and self.users < 1) or self.k < 1 or self.patience < 0 or self.smooth < 1:
@@ -490,6 +494,12 @@ class GRPOConfig(PostTrainConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     beta: float = 0.0  # KL coefficient to the init policy (0: no reference model)
     epsilon: float = 0.2  # PPO-style clip
+    # TRL's GRPO options, passed through (trl.GRPOConfig): the upper clip of DAPO's clip-higher (None: epsilon);
+    # optimizer steps per rollout (> 1 reuses a rollout, clipped against the policy that generated it); the
+    # importance ratio per token (GRPO) or per sequence (GSPO)
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     prompts_per_device: int = 8  # prompts per step per process; completions = prompts x G, in train.grad_accum parts
 
     def __post_init__(self) -> None:
@@ -502,6 +512,11 @@ class GRPOConfig(PostTrainConfig):
             raise ConfigError(f"grpo.reward_params names rewards not in grpo.rewards: {sorted(unknown)}")
         if self.temperature <= 0 or self.prompts_per_device < 1:
             raise ConfigError("grpo: temperature > 0 and prompts_per_device >= 1 are required")
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ConfigError(f"grpo.epsilon_high ({self.epsilon_high}) is the upper clip: expected >= grpo.epsilon "
+                              f"({self.epsilon}), or null for the same")  # fmt: skip
+        if self.num_iterations < 1:
+            raise ConfigError(f"grpo.num_iterations: expected an integer >= 1, got {self.num_iterations}")
         completions = self.prompts_per_device * self.num_generations
         if completions % self.train.grad_accum:
             raise ConfigError(

@@ -73,6 +73,53 @@ def test_sample_rollouts_with_lora_on_a_full_model(shared_data, sft_run, tmp_pat
     assert (recipe.stage_dir("grpo") / "model" / "adapter_config.json").is_file()
 
 
+def test_trl_grpo_options_pass_through(shared_data, sft_run, tmp_path):
+    """`num_iterations` 2: each rollout trains two optimizer steps (4 steps, 2 rollouts), the second clipped against
+    the policy that generated it; clip-higher and sequence-level importance ratios reach TRL's config."""
+    rewards = {"hit": 1.0, "rank_penalty": 1.0, "tests.test_grpo.record_items": 0.0}
+    train = {"max_steps": 4, "learning_rate": 0.01, "logging_steps": 1, "save_steps": 100, "report_to": []}
+    raw = grpo_recipe(shared_data, sft_run, tmp_path, rewards=rewards, train=train, num_iterations=2,
+                      epsilon_high=0.28, importance_sampling_level="sequence",
+                      guard={"eval_steps": 0.5, "users": 8})  # fmt: skip
+    recipe = from_dict(Recipe, raw)
+    SEEN.clear()
+    metrics = run_grpo(recipe)
+    assert metrics["training"]["global_step"] == 4
+    assert len(SEEN) == 2 * 2 * 4  # rollouts x prompts x G
+    # eval_steps 0.5: half the planned steps, as transformers reads a fractional eval_steps
+    curve = [json.loads(line) for line in (recipe.stage_dir("grpo") / "guard.jsonl").open()]
+    assert [entry["step"] for entry in curve] == [0, 2, 4]
+    for entry in curve:  # per-user NDCG lies in [0, 1]: its standard deviation is at most 1/2, zero if all equal
+        assert 0 <= entry["standard_error"] <= 0.5 / entry["users"] ** 0.5 + 1e-9
+        assert (entry["standard_error"] == 0) == (entry["ndcg@10"] in (0.0, 1.0))
+    options = metrics["training"]["trl_options"]  # read back from the trainer's trl.GRPOConfig
+    assert [options[key] for key in ("num_iterations", "epsilon_high", "importance_sampling_level")] == [
+        2, 0.28, "sequence"]  # fmt: skip
+    for bad, message in [
+        ({"epsilon_high": 0.1}, "grpo.epsilon_high .0.1. is the upper clip: expected >= grpo.epsilon"),
+        ({"num_iterations": 0}, "grpo.num_iterations: expected an integer >= 1, got 0"),
+        ({"importance_sampling_level": "step"}, "importance_sampling_level"),
+        ({"guard": {"eval_steps": 1.5}}, "planned steps in .0, 1., or 'epoch'; got 1.5"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path / next(iter(bad)), **bad))
+
+
+@pytest.mark.parametrize("prompts", [6, 7])
+def test_a_grpo_epoch_is_one_pass_over_the_prompts(shared_data, sft_run, tmp_path, prompts):
+    """`grpo.train.epochs: 1` is one pass over the prompts, prompts_per_device a step: the recipes' relative unit
+    (a step count fits one dataset only). The step count is rounded up, not down as TRL's own epoch count is."""
+    rewards = {"hit": 1.0, "tests.test_grpo.record_items": 0.0}
+    train = {"epochs": 1, "learning_rate": 0.01, "logging_steps": 1, "save_steps": 100, "report_to": []}
+    raw = grpo_recipe(shared_data, sft_run, tmp_path, rewards=rewards, train=train, max_train_prompts=prompts,
+                      guard={"eval_steps": 0.5, "users": 4})  # fmt: skip
+    recipe = from_dict(Recipe, raw)
+    SEEN.clear()
+    metrics = run_grpo(recipe)
+    steps = -(-prompts // 2)
+    assert metrics["training"]["global_step"] == steps and len(SEEN) == steps * 2 * 4
+
+
 def test_guard_keeps_the_best_weights_and_stops(shared_data, sft_run, tmp_path):
     """The guard evaluates, snapshots the best weights, stops after `patience` evaluations without a gain, and
     restores the best weights: a model ruined after step 0 is saved as it was at step 0."""

@@ -3,7 +3,8 @@
 A naive RL stage made a converged SFT model worse on real data (docs/grpo.md: -34% valid NDCG@10 in 300 steps),
 preference optimisation can drift the same way, and an SFT model can overfit (on Scientific a hidden-64 model got
 worse from 12 to 24 epochs). So a stage evaluates NDCG@K on validation users (`GuardConfig`: the whole split or a
-seeded random sample) before training when `at_start`, every `eval_steps` steps or at the end of every epoch (from
+seeded random sample) before training when `at_start`, every `eval_steps` steps (or that share of the planned steps,
+as transformers reads a fractional eval_steps) or at the end of every epoch (from
 `start` of the planned steps on), keeps the best weights, stops after `patience` evaluations without a gain, and
 saves the best model: a post-training stage never returns a model worse on those users than the one it started
 from, and a longer SFT run never ends worse on them than a shorter one.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from transformers import TrainerCallback
 from rlrec.data.prepared import RunData
 from rlrec.decoding.inputs import ModelInputs
 from rlrec.evaluate import evaluate_generative
+from rlrec.metrics import ndcg_at_k
 from rlrec.schema import EvalConfig, GuardConfig
 from rlrec.training.arguments import is_main_process
 
@@ -63,6 +66,7 @@ class Guard(TrainerCallback):
         self.stale = 0
         self.warnings: list[dict] = []
         self.trainer = None
+        self.every: int | None = None  # steps between periodic evaluations, known when training begins
         self.started = (time.time(), time.process_time())  # reset when training begins: time into training
         self.eval_cpu_seconds = 0.0  # spent evaluating, so that the stage's training rate leaves it out
         out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +82,9 @@ class Guard(TrainerCallback):
     def evaluate(self, step: int, control) -> None:
         model, training = self.model, self.model.training
         cpu_started = time.process_time()
-        result = evaluate_generative(model, self.tokenizer, self.data, self.eval_config, self.rows, self.inputs,
-                                     progress=False)["metrics"]  # fmt: skip
+        evaluated = evaluate_generative(model, self.tokenizer, self.data, self.eval_config, self.rows, self.inputs,
+                                        progress=False)  # fmt: skip
+        result = evaluated["metrics"]
         shadow = None
         if self.shadow_rows is not None:  # recorded beside the curve, never compared, so never chosen on
             shadow = evaluate_generative(model, self.tokenizer, self.data, self.eval_config, self.shadow_rows,
@@ -88,7 +93,11 @@ class Guard(TrainerCallback):
         if training:
             model.train()
         value, hr = result[self.metric], result[f"hr@{self.config.k}"]
+        # the standard error of the sample's mean NDCG: how far apart two evaluations must be to mean anything
+        per_user = [ndcg_at_k(rank, self.config.k) for rank in evaluated["ranks"]]
+        error = statistics.stdev(per_user) / math.sqrt(len(per_user)) if len(per_user) > 1 else 0.0
         entry = {"step": step, self.metric: value, f"hr@{self.config.k}": hr, "users": len(self.rows),
+                 "standard_error": round(error, 5),
                  "seconds": round(time.time() - self.started[0], 1),
                  "cpu_seconds": round(time.process_time() - self.started[1], 1)}  # fmt: skip
         if shadow is not None:
@@ -114,7 +123,8 @@ class Guard(TrainerCallback):
         self._log(step, logged, control)
         if is_main_process():
             print(f"rlrec {self.label} guard: step {step} {self.config.split} {self.metric} {entry[self.metric]:.4f}"
-                  f"{smoothed} (best {self.best[0]:.4f} at step {self.best[1]}, {len(self.rows)} users)",
+                  f" ± {error:.4f} SE{smoothed} (best {self.best[0]:.4f} at step {self.best[1]}, "
+                  f"{len(self.rows)} users)",
                   flush=True)  # fmt: skip
             with (self.out / "guard.jsonl").open("a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
@@ -138,6 +148,7 @@ class Guard(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = (time.time(), time.process_time())
+        self.every = evaluation_interval(self.config.eval_steps, state.max_steps)
         if state.global_step > 0:  # resumed from a checkpoint
             self._load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
         elif self.config.at_start:
@@ -148,7 +159,7 @@ class Guard(TrainerCallback):
         return state.global_step >= self.config.start * state.max_steps
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.config.eval_steps != "epoch" and state.global_step % self.config.eval_steps == 0 and self.due(state):
+        if self.every is not None and state.global_step % self.every == 0 and self.due(state):
             self.evaluate(state.global_step, control)
         if control.should_save:  # transformers saves this step's checkpoint next: the guard's state goes in first
             self._save_state(args, state)
@@ -227,3 +238,13 @@ class Guard(TrainerCallback):
                     if name in self.best_state:
                         p.copy_(self.best_state[name].to(p.device))
         return self.best[1]
+
+
+def evaluation_interval(eval_steps: int | float | str, max_steps: int) -> int | None:
+    """Steps between periodic evaluations: `eval_steps` itself, or a share of the planned `max_steps` rounded up
+    (transformers' rule for a fractional eval_steps); None when the guard evaluates at the end of each epoch."""
+    if eval_steps == "epoch":
+        return None
+    if isinstance(eval_steps, float):
+        return max(1, math.ceil(round(eval_steps * max_steps, 6)))  # 0.08 x 125 is 10, not 10.000000000000002
+    return int(eval_steps)
