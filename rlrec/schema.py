@@ -323,10 +323,18 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    # adapt only the top N decoder layers (PEFT's layers_to_transform); None: every layer. Backward then stops at
+    # the lowest adapted layer and the layers below keep no activations: cheaper steps, and the pretrained
+    # layers below are left as they were (docs/sft.md "Pretrained models")
+    top_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("lora: r >= 1, alpha >= 1 and 0 <= dropout < 1 are required")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ConfigError(
+                f"lora.top_layers: expected an integer >= 1, or null for every layer; got {self.top_layers}"
+            )
 
 
 @dataclass

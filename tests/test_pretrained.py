@@ -113,6 +113,36 @@ def test_templates_that_cannot_agree_fail_clearly(qwen3_folder):
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_lora_on_the_top_layers_only(qwen3_folder):
+    """`lora.top_layers`: every projection of the top N decoder layers adapted, nothing below them, and backward
+    leaves the layers below without gradients; more layers than the model has is a clear error."""
+    import peft
+
+    from rlrec.errors import ConfigError
+    from rlrec.training.arguments import lora_config
+
+    model, _ = load_model(qwen3_folder)
+    depth = model.config.num_hidden_layers
+    assert depth >= 2
+    with pytest.raises(ConfigError, match=f"lora.top_layers {depth + 1}: this model has {depth} decoder layers"):
+        lora_config(LoraConfig(top_layers=depth + 1), model, [], "trainable_token_indices")
+    adapted = peft.get_peft_model(model, lora_config(LoraConfig(top_layers=1), model, [], "trainable_token_indices"))
+    wrapped = [name for name, module in adapted.named_modules() if hasattr(module, "lora_A")]
+    assert {int(name.split(".layers.")[1].split(".")[0]) for name in wrapped} == {depth - 1}
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in wrapped} == projections
+    needs_grad = {}  # which layers' outputs autograd keeps a graph for: only the adapted ones
+    layers = adapted.get_base_model().model.layers
+    for index in (0, depth - 1):
+        layers[index].register_forward_hook(
+            lambda module, args, output, index=index: needs_grad.update({index: output[0].requires_grad})
+        )
+    ids = torch.tensor([[1, 2, 3, 4]])
+    adapted(input_ids=ids, labels=ids).loss.backward()
+    assert needs_grad == {0: False, depth - 1: True}
+    assert all(parameter.grad is not None for name, parameter in adapted.named_parameters() if "lora_A" in name)
+
+
 def pipeline_recipe(out: Path, identifier: str, model_path: Path | None, rollout: str) -> dict:
     """Every stage on a small synthetic run: items (sid), data, SFT (LoRA on a pretrained path, full from scratch),
     GRPO with `rollout`, S-DPO, eval."""

@@ -165,6 +165,15 @@ def lora_config(lora: LoraConfig, model, token_ids: list[int], identifier_tokens
         if missing:
             raise ConfigError(f"lora.target_modules {missing} are not modules of this model; "
                               f"linear layers here: {sorted(linear_module_names(model))}")  # fmt: skip
+    if lora.top_layers is not None:
+        depth = model.config.num_hidden_layers
+        if lora.top_layers > depth:
+            raise ConfigError(f"lora.top_layers {lora.top_layers}: this model has {depth} decoder layers")
+        extra["layers_to_transform"] = list(range(depth - lora.top_layers, depth))
+        if targets == "all-linear":  # PEFT takes layers only with named modules; all-linear leaves the head out
+            head = model.get_output_embeddings()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and m is not head})  # fmt: skip
     return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                            task_type="CAUSAL_LM", **extra)  # fmt: skip
 
