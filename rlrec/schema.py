@@ -509,6 +509,10 @@ class GRPOConfig(PostTrainConfig):
     num_iterations: int = 1
     importance_sampling_level: Literal["token", "sequence"] = "token"
     prompts_per_device: int = 8  # prompts per step per process; completions = prompts x G, in train.grad_accum parts
+    # a group whose rollouts miss the target gets it as its last member (in place of the lowest-ranked one), so a
+    # group without a hit still carries a gradient; its log-probability is the policy's, computed by TRL as for
+    # every completion. Most groups have no hit on real data (66-85% measured, docs/grpo.md)
+    inject_target: bool = False
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:

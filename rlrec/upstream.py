@@ -271,12 +271,23 @@ def grpo_trainer(**kwargs):
     rollout per optimizer step the micro-batches' gradients are summed, so which rows share a micro-batch does not
     change the step under the `dapo`, `grpo` and `dr_grpo` normalisations. Multimodal inputs, the MoE auxiliary
     loss, an entropy bonus (our entropies are statistics, computed without a graph) and distributed wrappers (DDP,
-    DeepSpeed, FSDP, which expect one model call per backward) keep TRL's path."""
+    DeepSpeed, FSDP, which expect one model call per backward) keep TRL's path.
+
+    It also keeps the batch's dataset rows as `rollout_rows` before TRL's private
+    `_generate_and_score_completions(inputs)` calls `rollout_func(prompts, trainer)`, which sees only the prompts:
+    target injection (`grpo.inject_target`) needs each prompt's target."""
     import trl.trainer.grpo_trainer as grpo_module
     from accelerate.utils import DistributedType
     from trl import GRPOTrainer
 
     class SharedPromptGRPOTrainer(GRPOTrainer):
+        rollout_rows: list[dict] = []  # the batch's dataset rows, for a rollout that needs more than the prompts
+
+        def _generate_and_score_completions(self, inputs):
+            # TRL 1.16 hands `rollout_func` the prompts only; the rows (targets, histories) are its `inputs` here
+            self.rollout_rows = inputs
+            return super()._generate_and_score_completions(inputs)
+
         def _prepare_inputs(self, generation_batch):
             original = grpo_module.shuffle_sequence_dict
             grpo_module.shuffle_sequence_dict = lambda batch: shuffle_whole_groups(batch, self.num_generations)

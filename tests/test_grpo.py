@@ -21,16 +21,19 @@ from rlrec.models import load_model
 from rlrec.recipe import Recipe
 from rlrec.rewards import resolve
 from rlrec.schema import EvalConfig, GuardConfig
+from rlrec.stages.grpo import inject_targets
 from rlrec.stages.grpo import run as run_grpo
 from rlrec.training.guard import Guard
 from tests.conftest import REPO, grpo_recipe, launch
 
 SEEN: list = []  # items the probe reward saw
+SEEN_TARGETS: list = []  # the target of each of them
 
 
 def record_items(batch, tables):
     """A user reward loaded by dotted path; records every rollout item (weight 0 in the recipe)."""
     SEEN.extend(batch.items)
+    SEEN_TARGETS.extend(batch.targets)
     return [0.0] * len(batch.items)
 
 
@@ -103,6 +106,22 @@ def test_trl_grpo_options_pass_through(shared_data, sft_run, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path / next(iter(bad)), **bad))
+
+
+def test_target_injection_puts_the_target_in_every_group(shared_data, sft_run, tmp_path):
+    """`inject_target`: every group the reward sees holds its target (the tiny policy alone rarely finds it), the
+    rest of the group is the policy's own beam, and the share of groups changed is logged."""
+    rewards = {"hit": 1.0, "tests.test_grpo.record_items": 0.0}
+    recipe = from_dict(Recipe, grpo_recipe(shared_data, sft_run, tmp_path, rewards=rewards, inject_target=True))
+    SEEN.clear(), SEEN_TARGETS.clear()
+    run_grpo(recipe)
+    groups = [(SEEN[g : g + 4], SEEN_TARGETS[g]) for g in range(0, len(SEEN), 4)]
+    assert len(groups) == 3 * 2 and all(target in items for items, target in groups)
+    assert all(len(set(items)) == 4 for items, _ in groups)  # distinct: the target replaced a beam, not a copy
+    log = [json.loads(line) for line in (recipe.stage_dir("grpo") / "train_log.jsonl").read_text().splitlines()]
+    injected = [row["rollout/injected_groups"] for row in log if "rollout/injected_groups" in row]
+    assert injected and all(0 <= share <= 1 for share in injected) and max(injected) > 0
+    assert inject_targets(["a", "b", "c", "d", "e", "f"], ["b", "z"], 3) == (["a", "b", "c", "d", "e", "z"], 1)
 
 
 @pytest.mark.parametrize("prompts", [6, 7])

@@ -50,7 +50,7 @@ from rlrec.stages.runner import (
 from rlrec.training.arguments import is_main_process, training_arguments, wants_plain_lm_head
 from rlrec.training.diagnostics import Diagnostics
 from rlrec.training.guard import Guard
-from rlrec.upstream import generation_model, grpo_trainer, unfuse_lm_head, unwrap_peft
+from rlrec.upstream import generation_model, grpo_trainer, log_metric, unfuse_lm_head, unwrap_peft
 
 # --- rollouts ---------------------------------------------------------------------------------------------------
 
@@ -100,6 +100,10 @@ def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
                 ranks = [None] * len(items)
             if was_training:
                 model.train()
+        if config.inject_target:
+            targets = [row["target"] for row in trainer.rollout_rows[::size]]
+            items, injected = inject_targets(items, targets, size)
+            log_metric(trainer, "rollout/injected_groups", injected / len(unique))
         return {
             "prompt_ids": [encoded[i // size] for i in range(len(items))],
             "completion_ids": [list(trie.sequences[position[item]]) for item in items],
@@ -109,6 +113,20 @@ def make_rollout(inputs: ModelInputs, encode, tokenizer, config: GRPOConfig):
         }
 
     return rollout
+
+
+def inject_targets(items: list[str], targets: list[str], size: int) -> tuple[list[str], int]:
+    """Target injection: in each group of `size` rollout items without its target, the last (lowest-ranked) item
+    replaced by the target. Returns the new items and the number of groups changed. Group-relative advantages then
+    push the target up and the group's other items down even where the policy never sampled the target."""
+    items = list(items)
+    injected = 0
+    for group, target in enumerate(targets):
+        members = items[group * size : (group + 1) * size]
+        if target not in members:
+            items[(group + 1) * size - 1] = target
+            injected += 1
+    return items, injected
 
 
 # --- rewards ------------------------------------------------------------------------------------------------------
